@@ -1,0 +1,5 @@
+import sys
+
+from cawbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""The ``cawbench`` command line: train, list (and study, report, bench where installed)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from cawbench.config import ConfigError, load_yaml, parse_override
+from cawbench.data import DataError
+from cawbench.registry import RegistryError
+
+#: modules that each add one subcommand: ``add_parser(subparsers)`` registers it with ``func=run``
+COMMAND_MODULES = ["cawbench.cli", "cawbench.studies.cli", "cawbench.reporting.cli", "cawbench.bench"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, RegistryError, FileNotFoundError)
+
+TRAIN_FLAGS = {  # flag -> config key
+    "method": "method",
+    "dataset": "data.name",
+    "arch": "model.arch",
+    "width": "model.width",
+    "depth": "model.depth",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "subset": "data.subset",
+    "test_subset": "data.test_subset",
+    "seed": "train.seed",
+    "device": "train.device",
+    "data_dir": "data.data_dir",
+    "out_dir": "out_dir",
+    "recipe": "recipe",
+    "readout": "readout.name",
+    "run_name": "run_name",
+    "variant": "variant",
+}
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one configuration and print its result row",
+        description=(
+            "Train one method on one dataset. The configuration is resolved as: built-in defaults -> the "
+            "method's defaults -> the recipe for the dataset (--recipe paper) -> --config YAML -> the flags "
+            "below -> KEY=VALUE overrides (any config key, e.g. optim.lr=0.01 params.lambda_entropy=0.1). "
+            "The resolved config is saved beside the result in OUT_DIR/runs/<run-name>/."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--method", "-m", help="method name (see `cawbench list`); default backprop")
+    p.add_argument("--dataset", "-d", help="dataset name; default fashion-mnist")
+    p.add_argument("--arch", help="architecture; default resnet17 (or the recipe's)")
+    p.add_argument("--width", type=float, help="channel width multiplier (1.0 = the paper's widths)")
+    p.add_argument("--depth", type=int, help="blocks per stage (ResNet: 2 = ResNet-17)")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--subset", type=int, help="use only this many training images")
+    p.add_argument("--test-subset", type=int, help="evaluate on only this many test images")
+    p.add_argument(
+        "--seed", type=int, help="training seed (the train/val split has its own, data.split_seed)"
+    )
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--data-dir", help="folder holding the dataset files (else $CAWBENCH_DATA, system paths)")
+    p.add_argument("--out-dir", help="results folder (default ./runs)")
+    p.add_argument("--recipe", help="default | paper (the authors' recipe for this dataset)")
+    p.add_argument("--readout", help="main readout: last, sum, sip, lcs, softmax_sum, ...")
+    p.add_argument(
+        "--run-name", help="name of the run folder (default: derived from the config and its hash)"
+    )
+    p.add_argument("--variant", help="label stored with the result (e.g. an ablation variant)")
+    p.add_argument("--config", "-c", help="YAML file with config keys (nested or dotted)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (same as --set)")
+    p.set_defaults(func=run_train)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from cawbench.method import resolve_config
+
+    layers: list[dict[str, Any]] = []
+    if args.config:
+        layers.append(load_yaml(args.config))
+    flags = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    if args.no_progress:
+        flags["train.progress"] = False
+    layers.append(flags)
+    layers.append(dict(parse_override(o) for o in [*args.set, *args.overrides]))
+    return resolve_config(*layers)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cawbench.engine import Trainer
+
+    cfg = train_config_from_args(args)
+    trainer = Trainer(cfg)
+    print(f"training {cfg.method} on {cfg.data.name} ({trainer.data.source}) with {cfg.model.arch} "
+          f"width {cfg.model.width:g} on {trainer.device}; run folder {trainer.run_dir}")  # fmt: skip
+    result = trainer.run(resume=args.resume)
+    print(format_result(result))
+    return 0
+
+
+def format_result(row: dict[str, Any]) -> str:
+    """A small human table of one result row."""
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    lines = [
+        f"{'method':<14}{'dataset':<15}{'arch':<10}{'width':>6}{'seed':>6}  {'readout':<10}"
+        f"{'val':>7}{'test':>7}{'test@best-val':>15}{'max test':>10}{'time s':>9}",
+        f"{row['method']:<14}{row['dataset']:<15}{row['arch']:<10}{row['width']:>6g}{row['seed']:>6}  "
+        f"{row['readout']:<10}{pct(row['final_val_acc']):>7}{pct(row['final_test_acc']):>7}"
+        f"{pct(row['test_acc_at_best_val']):>15}{pct(row['max_test_acc']):>10}{row['wall_time_s']:>9.1f}",
+    ]
+    layers = row.get("per_layer_test_acc") or []
+    if len(layers) > 1:
+        lines.append("per-layer test accuracy: " + " ".join(f"{v:.1f}" for v in layers))
+    extra = {k: v for k, v in (row.get("final_test_acc_by_readout") or {}).items() if k != row["readout"]}
+    if extra:
+        lines.append("other readouts (test): " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()))
+    lines.append(
+        f"accuracies in %; final = last epoch, readout fitted on validation; result row in {row['run_dir']}"
+    )
+    return "\n".join(lines)
+
+
+def _add_list(sub: Any) -> None:
+    p = sub.add_parser("list", help="list methods, datasets, architectures, readouts and recipes")
+    p.add_argument(
+        "what", nargs="?", default="all", choices=["all", "methods", "datasets", "archs", "readouts"]
+    )
+    p.set_defaults(func=run_list)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from cawbench.archs import ARCHS
+    from cawbench.data import DATASETS
+    from cawbench.method import METHODS, list_methods
+    from cawbench.readouts import READOUTS
+
+    list_methods()
+    if args.what in ("all", "methods"):
+        print("methods:")
+        for name in METHODS.names():
+            cls = METHODS.get(name)
+            recipes = ", ".join(f"{r}[{'/'.join(sorted(t))}]" for r, t in cls.recipes.items()) or "-"
+            print(f"  {name:<15} {cls.description}\n  {'':<15} recipes: {recipes}")
+    if args.what in ("all", "datasets"):
+        print("datasets: " + ", ".join(DATASETS.names()))
+    if args.what in ("all", "archs"):
+        print("architectures: " + ", ".join(ARCHS.names()))
+    if args.what in ("all", "readouts"):
+        print("readouts:")
+        for name in READOUTS.names():
+            print(f"  {name:<15} {READOUTS.get(name).description}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    _add_train(sub)
+    _add_list(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cawbench",
+        description="Benchmark and ablation suite for forward-only (layer-local) training of CNNs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module = sys.modules[__name__] if name == __name__ else _try_import(name)
+        if module is not None:
+            module.add_parser(sub)
+    return parser
+
+
+def _try_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            return None  # that part of the suite is not built yet
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cawbench.engine import ResumeError, TrainingDiverged
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except (*USER_ERRORS, ResumeError, TrainingDiverged) as exc:
+        print(f"cawbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cawbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Typed, frozen run configuration: defaults -> method defaults -> recipe -> YAML -> CLI -> overrides.
+
+A run is fully described by a :class:`RunConfig`. It is built from plain nested dicts so that YAML files,
+command-line flags and ``key=value`` overrides all go through one validating constructor
+(:func:`build_dataclass`): unknown keys are errors that list the valid keys, values are coerced to the
+field's type or rejected with the field named, and every section checks its own invariants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is invalid; the message names it and the valid choices."""
+
+
+# ------------------------------------------------------------------------------------------ sections
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion-mnist"
+    data_dir: str | None = None  # None: $CAWBENCH_DATA, then known system locations, then download
+    val_size: float | None = (
+        None  # images held out of train for selection; <1 means a fraction; None: default
+    )
+    split_seed: int = 2222  # fixed across training seeds (paired comparisons); the authors' value
+    subset: int | None = None  # use only this many training images (after the split)
+    test_subset: int | None = None  # evaluate on only this many test images
+    val_subset: int | None = None
+    image_size: int | None = None  # None: native size; 32 resizes (F)MNIST as the ResNet recipes do
+    normalization: str = "dataset"  # dataset | half | imagenet | none
+    augment: str = "none"  # none | crop_flip
+    crop_padding: int = 4
+    device_resident: bool = True  # keep the dataset on the training device and batch there
+
+    def __post_init__(self) -> None:
+        _check_choice("data.normalization", self.normalization, ("dataset", "half", "imagenet", "none"))
+        _check_choice("data.augment", self.augment, ("none", "crop_flip"))
+        for name in ("subset", "test_subset", "val_subset", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"data.{name} must be a positive integer or null, got {value!r}")
+        if self.val_size is not None and self.val_size < 0:
+            raise ConfigError(
+                f"data.val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet17"
+    width: float = 1.0  # multiplies the architecture's channel counts
+    depth: int | None = None  # blocks per stage (ResNet: 2 gives ResNet-17); None: the architecture's default
+    base_planes: int | None = None  # first-stage planes before the width multiplier; None: arch default
+    hidden: tuple[int, ...] | None = None  # MLP hidden sizes; None: the architecture's default
+
+    def __post_init__(self) -> None:
+        if not self.width > 0:
+            raise ConfigError(f"model.width must be > 0, got {self.width!r}")
+        if self.depth is not None and self.depth < 1:
+            raise ConfigError(f"model.depth (blocks per stage) must be >= 1, got {self.depth!r}")
+        if self.base_planes is not None and self.base_planes < 1:
+            raise ConfigError(f"model.base_planes must be >= 1, got {self.base_planes!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    scheduler: str = "none"  # none | cosine (per epoch, T_max = epochs) | linear_cooldown (FF, loeweX)
+    lr_min: float = 0.0
+    grad_clip: float | None = None  # global-norm clip per unit
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("adam", "adamw", "sgd"))
+        _check_choice("optim.scheduler", self.scheduler, ("none", "cosine", "linear_cooldown"))
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0 or self.lr_min < 0:
+            raise ConfigError("optim.weight_decay and optim.lr_min must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip!r}")
+
+
+@dataclass(frozen=True)
+class ReadoutConfig:
+    name: str = "last"  # see `cawbench list`: last, sum, sip, lcs, softmax_sum, ...
+    extra: tuple[str, ...] = ()  # further readouts evaluated and recorded beside the main one
+    sum_range: tuple[int, int] | None = None  # layers (inclusive, 0-based) for `sum`; None: all
+    lcs_signal: str = "train"  # train: epoch-mean training CE per layer (authors' code) | val: held-out CE
+    lcs_temperature: float = 1.0
+    sip_initial: tuple[int, int] = (1, -1)  # range used before the first selection (-1 = last layer)
+
+    def __post_init__(self) -> None:
+        _check_choice("readout.lcs_signal", self.lcs_signal, ("train", "val"))
+        if not self.lcs_temperature > 0:
+            raise ConfigError(f"readout.lcs_temperature must be > 0, got {self.lcs_temperature!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile each unit
+    parallel: str = "off"  # off | pipeline (layer-parallel, same maths as sequential)
+    eval_test_every_epoch: bool = True  # needed for the best-epoch columns
+    checkpoint: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train.parallel", self.parallel, ("off", "pipeline"))
+
+
+@dataclass(frozen=True)
+class EmptyParams:
+    """Methods without hyperparameters of their own."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "backprop"
+    variant: str = "base"  # free label carried into results (e.g. an ablation variant's name)
+    recipe: str = "default"  # default | paper (the authors' recipe for the dataset)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    params: Any = field(default_factory=EmptyParams)  # the method's own frozen dataclass
+    out_dir: str = "runs"
+    run_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def config_hash(self) -> str:
+        """Hash of everything that can change the numbers (not where files go or how progress shows)."""
+        d = self.to_dict()
+        for key in ("out_dir", "run_name"):
+            d.pop(key, None)
+        d["data"].pop("data_dir", None)
+        d["train"].pop("progress", None)
+        d["train"].pop("checkpoint", None)
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """A copy with dotted-key overrides, validated like a fresh config."""
+        nested = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(nested, key, value)
+        return build_run_config(nested, type(self.params))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples -> dicts/lists, recursively (YAML- and JSON-friendly)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = nested
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.01"`` -> ``("optim.lr", 0.01)``; values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like KEY=VALUE (e.g. optim.lr=0.01)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+    return key, value
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to a field type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} expects a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where} expects {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} expects a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} expects a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, where)
+    return value
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Construct ``cls`` from a dict, rejecting unknown keys and coercing every field."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}"
+            + (f" (section {where!r})" if where else "")
+            + f"; valid keys: {', '.join(names) if names else '(none)'}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def build_run_config(nested: dict[str, Any], params_cls: type) -> RunConfig:
+    nested = dict(nested)
+    params = nested.pop("params", {}) or {}
+    cfg = build_dataclass(RunConfig, nested)
+    return dataclasses.replace(cfg, params=build_dataclass(params_cls, params, "params"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

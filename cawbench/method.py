@@ -1,0 +1,225 @@
+"""What a method declares: local units with named loss terms, class scores, defaults and recipes.
+
+A method file (``methods/<name>.py``) subclasses :class:`Method`, registers it with
+``@register_method("name")`` and holds only maths and the papers' numbers. The engine
+(:mod:`cawbench.engine`) never names a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cawbench.archs import ArchPlan, Wiring
+from cawbench.config import (
+    ConfigError,
+    EmptyParams,
+    RunConfig,
+    build_run_config,
+    flatten,
+    set_dotted,
+    to_plain,
+)
+from cawbench.data import DataInfo
+from cawbench.registry import Registry
+
+
+@dataclass
+class UnitOutput:
+    passed: torch.Tensor  # what the next unit receives (the engine detaches it)
+    scores: torch.Tensor | None = None  # [B, K] class scores of this unit, or None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # whatever local_losses needs
+
+
+@dataclass(frozen=True)
+class StepContext:
+    epoch: int  # 0-based
+    epochs: int
+    step: int  # batch index within the epoch
+
+
+class LocalUnit(nn.Module):
+    """One independently trained piece of a network: its own optimiser, its own loss, detached input."""
+
+    #: per-unit optimiser overrides, e.g. {"name": "sgd", "lr": 0.01} for a softmax head
+    optim_overrides: dict[str, Any] | None = None
+
+    def forward(self, x: torch.Tensor) -> UnitOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def local_losses(
+        self, out: UnitOutput, target: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        """Named, unweighted loss terms; the method's ``loss_weights`` scales them."""
+        return {}
+
+    def trainable_at(self, epoch: int) -> bool:
+        """False outside this unit's training window (CwComp's interleaved layer training)."""
+        return True
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Per-epoch schedules inside the unit (CAW-Conv's temperature decay)."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Scalars recorded every epoch (e.g. the temperature)."""
+        return {}
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """Tensors saved at the end of a run (e.g. the channel-to-class assignment)."""
+        return {}
+
+
+class LocalNetwork(nn.Module):
+    """Units in sequence; between them the plan's residual ops run on detached tensors."""
+
+    def __init__(self, units: list[LocalUnit], plan: ArchPlan | None = None, stem: nn.Module | None = None):
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.stem = stem if stem is not None else nn.Identity()
+        self.wiring = Wiring(plan) if plan is not None else None
+
+    def advance(
+        self, index: int, passed: torch.Tensor, shortcut: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next unit's input from this unit's (detached) output and the running shortcut."""
+        passed = passed.detach()
+        if self.wiring is not None and index < len(self.wiring.ops):
+            return self.wiring.apply(index, passed, shortcut)
+        return passed, shortcut
+
+    @torch.no_grad()
+    def layer_scores(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Class scores of every scoring unit, in order (eval forward, no updates)."""
+        h, shortcut, scores = self.stem(x), None, []
+        for i, unit in enumerate(self.units):
+            out = unit(h)
+            if out.scores is not None:
+                scores.append(out.scores.float())
+            h, shortcut = self.advance(i, out.passed, shortcut)
+        return scores
+
+
+class Method:
+    """Base class: subclass, set the class attributes, implement :meth:`build`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type] = EmptyParams
+    #: dotted-key defaults applied on top of the global defaults (e.g. {"optim.lr": 0.08})
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: recipe name -> dataset name -> dotted-key overrides, e.g. recipes["paper"]["cifar10"]
+    recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+        self.cfg = cfg
+        self.params = cfg.params
+        self.info = info
+
+    def build(self) -> LocalNetwork:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def loss_weights(self, epoch: int) -> dict[str, float]:
+        """Weight of each named loss term at this epoch; terms not named get weight 1."""
+        return {}
+
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
+        """Method-specific input construction (FF's label embedding); identity by default."""
+        return x
+
+    def eval_scores(self, net: LocalNetwork, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer class scores for evaluation; FF-style methods override (one pass per label)."""
+        return net.layer_scores(x)
+
+    def on_epoch_end(self, net: LocalNetwork, epoch: int) -> None:
+        """Hook after the epoch's updates, before evaluation."""
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    def decorate(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register_method({name!r}) must decorate a Method subclass")
+        METHODS.add(name, cls)
+        cls.name = name
+        return cls
+
+    return decorate
+
+
+def _load_methods() -> None:
+    importlib.import_module("cawbench.methods")  # imports every module in methods/
+
+
+def get_method(name: str) -> type[Method]:
+    _load_methods()
+    return METHODS.get(name)
+
+
+def list_methods(filter: str = "*") -> list[str]:
+    _load_methods()
+    return METHODS.names(filter)
+
+
+# --------------------------------------------------------------------------------- config resolution
+def default_config_dict(method: type[Method]) -> dict[str, Any]:
+    base = to_plain(RunConfig())
+    base["method"] = method.name
+    base["params"] = to_plain(method.Config())
+    return base
+
+
+def recipe_overrides(method: type[Method], recipe: str, dataset: str) -> dict[str, Any]:
+    if recipe == "default":
+        return {}
+    if recipe not in method.recipes:
+        names = ", ".join(["default", *sorted(method.recipes)])
+        raise ConfigError(f"method {method.name!r} has no recipe {recipe!r}; recipes: {names}")
+    table = method.recipes[recipe]
+    if dataset not in table:
+        raise ConfigError(
+            f"method {method.name!r} has no {recipe!r} recipe for dataset {dataset!r}; "
+            f"it has one for: {', '.join(sorted(table))}"
+        )
+    return dict(table[dataset])
+
+
+def resolve_config(*layers: dict[str, Any]) -> RunConfig:
+    """Merge user layers (YAML dicts, CLI flags, overrides; later wins) over method defaults and recipe.
+
+    Order: global defaults -> the method's defaults -> the recipe for the dataset -> each user layer.
+    Keys may be nested dicts or dotted ("optim.lr"). Unknown keys and bad values raise ConfigError.
+    """
+    user: dict[str, Any] = {}
+    for layer in layers:
+        user.update(flatten(layer))
+    method = get_method(str(user.get("method", "backprop")))
+    dataset = str(user.get("data.name", RunConfig().data.name))
+    recipe = str(user.get("recipe", "default"))
+    nested = default_config_dict(method)
+    for key, value in {**method.defaults, **recipe_overrides(method, recipe, dataset), **user}.items():
+        _check_key(nested, key)
+        set_dotted(nested, key, value)
+    return build_run_config(nested, method.Config)
+
+
+def _check_key(nested: dict[str, Any], key: str) -> None:
+    """Reject keys that name no field, listing the valid keys of the section they point into."""
+    node: Any = nested
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            section = ".".join(parts[:depth]) or "top level"
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+            raise ConfigError(f"unknown config key {key!r} (in {section}); valid keys there: {valid}")
+        node = node[part]
+
+
+def params_fields(method: type[Method]) -> list[str]:
+    return [f.name for f in dataclasses.fields(method.Config)]

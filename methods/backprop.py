@@ -1,0 +1,120 @@
+"""Backprop reference: the same architecture plan trained end to end with one softmax-CE head.
+
+Every layer of the plan becomes conv (or linear) -> norm -> ReLU (with the plan's pooling and the same
+residual add/concat ops as the local methods), followed by global average pooling and a linear head.
+It is one local unit holding the whole network, so it runs through the same engine, data pipeline,
+evaluation and measurement as the forward-only methods: its "per-layer" score is the head's logits.
+Recipe convention (spec baselines.md §5): Adam 1e-3, the twin method's batch size, epochs and data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cawbench.archs import ArchPlan, LayerSpec, Wiring, build_plan
+from cawbench.config import ConfigError
+from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
+
+
+@dataclass(frozen=True)
+class BackpropConfig:
+    norm: str = "batch"  # batch | none: normalisation after each conv/linear layer
+    label_smoothing: float = 0.0
+    dropout: float = 0.0  # before the head
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("batch", "none"):
+            raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: batch, none")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError("params.label_smoothing and params.dropout must be in [0, 1)")
+
+
+def _pool(kind: str | None, x: torch.Tensor) -> torch.Tensor:
+    if kind == "avg":
+        return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+    if kind == "max":
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+    return x
+
+
+class PlanLayer(nn.Module):
+    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool]."""
+
+    def __init__(self, spec: LayerSpec, norm: str) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.kind == "conv":
+            self.op = nn.Conv2d(
+                spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
+                groups=spec.groups, bias=norm == "none",
+            )  # fmt: skip
+            self.norm = nn.BatchNorm2d(spec.out_channels) if norm == "batch" else nn.Identity()
+        else:
+            self.op = nn.Linear(spec.in_channels, spec.out_channels)
+            self.norm = nn.BatchNorm1d(spec.out_channels) if norm == "batch" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.kind == "linear":
+            x = x.flatten(1)
+        x = _pool(self.spec.pool_before, x)
+        x = F.relu(self.norm(self.op(x)))
+        return _pool(self.spec.pool_after, x)
+
+
+class EndToEndUnit(LocalUnit):
+    """The whole network and its head as one unit: the loss reaches every layer."""
+
+    def __init__(self, plan: ArchPlan, num_classes: int, cfg: BackpropConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(PlanLayer(s, cfg.norm) for s in plan.layers)
+        self.wiring = Wiring(plan)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(plan.layers[-1].passed_channels, num_classes)
+        self.label_smoothing = cfg.label_smoothing
+
+    def forward(self, x: torch.Tensor) -> UnitOutput:
+        shortcut = None
+        for i, layer in enumerate(self.layers):
+            x, shortcut = self.wiring.apply(i, layer(x), shortcut)
+        features = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        logits = self.head(self.dropout(features))
+        return UnitOutput(passed=logits, scores=logits)
+
+    def local_losses(
+        self, out: UnitOutput, target: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(out.scores, target, label_smoothing=self.label_smoothing)}
+
+
+@register_method("backprop")
+class Backprop(Method):
+    description = "end-to-end backprop reference on the same architecture (+ GAP and a linear CE head)"
+    Config = BackpropConfig
+    defaults = {"optim.name": "adam", "optim.lr": 1e-3, "readout.name": "last"}
+    # BP twins of the forward-only recipes: same data, batch, epochs and resize; Adam 1e-3 (baselines.md §5).
+    recipes = {
+        "paper": {
+            ds: {
+                "model.arch": "resnet17",
+                "train.epochs": 150,
+                "train.batch_size": 128,
+                "data.image_size": size,
+                "data.val_size": val,
+            }
+            for ds, size, val in (
+                ("mnist", 32, 10_000),
+                ("fashion-mnist", 32, 10_000),
+                ("cifar10", None, 5_000),
+                ("cifar100", None, 5_000),
+                ("tiny-imagenet", None, 0.1),
+            )
+        }  # fmt: skip
+    }
+
+    def build(self) -> LocalNetwork:
+        plan = build_plan(self.cfg.model, self.info)
+        return LocalNetwork([EndToEndUnit(plan, self.info.num_classes, self.params)])
