@@ -396,7 +396,7 @@ class Trainer:
                 "resume with the same configuration or choose another --run-name"
             )
         self.net.load_state_dict(state["net"])
-        for s, o, sc in zip(self.units, state["optimizers"], state["schedulers"]):
+        for s, o, sc in zip(self.units, state["optimizers"], state["schedulers"], strict=True):
             if s.optimizer is not None and o is not None:
                 s.optimizer.load_state_dict(o)
             if s.scheduler is not None and sc is not None:
