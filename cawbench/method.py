@@ -46,6 +46,8 @@ class StepContext:
 class LocalUnit(nn.Module):
     """One independently trained piece of a network: its own optimiser, its own loss, detached input."""
 
+    #: whether forward() returns class scores (a "layer" for readouts and per-layer accuracy)
+    emits_scores: bool = True
     #: per-unit optimiser overrides, e.g. {"name": "sgd", "lr": 0.01} for a softmax head
     optim_overrides: dict[str, Any] | None = None
 
@@ -114,6 +116,8 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     #: recipe name -> dataset name -> dotted-key overrides, e.g. recipes["paper"]["cifar10"]
     recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    #: dotted-key overrides that make a seconds-long CPU run on the `synthetic` dataset (contract tests)
+    smoke_overrides: ClassVar[dict[str, Any]] = {"model.width": 0.1}
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         self.cfg = cfg

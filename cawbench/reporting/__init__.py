@@ -1,0 +1,1 @@
+"""Reports: tables and figures from study results (issue 6)."""

@@ -1,0 +1,1 @@
+"""Optuna studies with MLflow tracking (issue 5)."""
