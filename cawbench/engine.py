@@ -68,23 +68,26 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "auto" and device.type == "cuda"
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, enabled: bool, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast when enabled; ``cache=False`` under CUDA-graph capture (cast weights must be re-made)."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 # --------------------------------------------------------------------------------- optimisers
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(
+    params: list[nn.Parameter], cfg: OptimConfig, *, fused: bool = False, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """The optimiser of one unit. ``fused``: one CUDA kernel per step (same update rule as the default
+    implementation, rounding aside); ``capturable``: step count kept on the device (CUDA-graph capture)."""
+    fast: dict[str, Any] = {"fused": True} if fused else {}
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        if capturable:
+            fast["capturable"] = True
+        return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **fast)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> Any:
@@ -106,6 +109,241 @@ class UnitState:
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
     clip: float | None
+
+
+class StepStats:
+    """Per-unit sums over an epoch, kept on the device and read once at its end (no host sync per step).
+
+    Sums are updated in place, so a captured CUDA graph that replays the step keeps accumulating."""
+
+    def __init__(self, n_units: int, device: torch.device) -> None:
+        self.term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
+        self.correct = torch.zeros(n_units, device=device)
+        self.seen = torch.zeros(n_units, device=device)
+        self.steps = 0
+
+    def add_terms(self, i: int, terms: dict[str, torch.Tensor]) -> None:
+        sums = self.term_sums[i]
+        for k, v in terms.items():
+            v = v.detach().float()
+            if k in sums:
+                sums[k].add_(v)
+            else:
+                sums[k] = v.clone()
+
+    def add_scores(self, i: int, scores: torch.Tensor, y: torch.Tensor) -> None:
+        labels = y[: scores.shape[0]]
+        self.correct[i].add_((scores.detach().argmax(1) == labels).sum())
+        self.seen[i].add_(labels.shape[0])
+
+
+UnitHook = Callable[[int], contextlib.AbstractContextManager]
+
+
+class BatchStep:
+    """One training mini-batch through every unit: the code path the Trainer and ``cawbench bench`` share.
+
+    Each unit runs forward on its detached input, its weighted local loss is backpropagated inside the unit
+    only, its optimiser steps, and its output (computed before the update, never recomputed) feeds the next
+    unit through the plan's wiring. Nothing here reads a value back to the host.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        net: LocalNetwork,
+        units: list[UnitState],
+        device: torch.device,
+        bf16: bool,
+        *,
+        autocast_cache: bool = True,
+    ) -> None:
+        self.method, self.net, self.units, self.device, self.bf16 = method, net, units, device, bf16
+        self.autocast_cache = autocast_cache
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.bf16, self.autocast_cache)
+
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The first unit's input: the method's batch construction, then the network's stem."""
+        with self._autocast():
+            return self.net.stem(self.method.prepare_batch(x, y, True))
+
+    def unit(
+        self,
+        i: int,
+        h: torch.Tensor,
+        shortcut: torch.Tensor | None,
+        y: torch.Tensor,
+        ctx: StepContext,
+        weights: dict[str, float],
+        active: list[bool],
+        stats: StepStats,
+        hook: UnitHook | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Train unit ``i`` on ``h``; return the next unit's (detached) input and the running shortcut."""
+        state = self.units[i]
+        with hook(i) if hook is not None else contextlib.nullcontext(), self._autocast():
+            out = state.unit(h)
+            terms = state.unit.local_losses(out, y, ctx) if active[i] else {}
+        if terms:
+            loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if state.clip is not None:
+                torch.nn.utils.clip_grad_norm_(state.params, state.clip)
+            state.optimizer.step()
+            stats.add_terms(i, terms)
+        if out.scores is not None:
+            stats.add_scores(i, out.scores, y)
+        return self.net.advance(i, out.passed, shortcut)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ctx: StepContext,
+        weights: dict[str, float],
+        active: list[bool],
+        stats: StepStats,
+        hook: UnitHook | None = None,
+    ) -> None:
+        h, shortcut = self.start(x, y), None
+        for i in range(len(self.units)):
+            h, shortcut = self.unit(i, h, shortcut, y, ctx, weights, active, stats, hook)
+
+
+@dataclasses.dataclass
+class _PipeItem:
+    """A batch waiting in front of a unit: its input, the running shortcut, labels, and a ready event."""
+
+    h: torch.Tensor
+    shortcut: torch.Tensor | None
+    y: torch.Tensor
+    ctx: StepContext
+    ready: Any = None  # torch.cuda.Event recorded on the producing stream (CUDA only)
+
+
+def run_pipeline(
+    step: BatchStep,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    make_ctx: Callable[[int], StepContext],
+    weights: dict[str, float],
+    active: list[bool],
+    stats: StepStats,
+) -> None:
+    """Layer-parallel training: unit l works on batch b while unit l+1 works on batch b-1.
+
+    The schedule is a wavefront: at every tick each unit takes the batch waiting in front of it, so unit l
+    sees the batches in order and unit l+1 consumes unit l's output computed before unit l's update for
+    the same batch -- exactly the sequential mode's maths, reordered. On CUDA every unit has its own stream
+    (events order producer and consumer, so kernels of different units overlap on the device); elsewhere
+    the same schedule runs in this thread. Random draws (dropout) come in another order than in the
+    sequential mode, so only stochastic units differ between the two modes.
+    """
+    n = len(step.units)
+    cuda = step.device.type == "cuda"
+    streams = [torch.cuda.Stream(step.device) for _ in range(n)] if cuda else [None] * n
+    if cuda:
+        main = torch.cuda.current_stream(step.device)
+        for s in streams:
+            s.wait_stream(main)  # the data, stats and previous evaluation come first
+    slots: list[_PipeItem | None] = [None] * n
+    more, b = True, 0
+    while True:
+        for i in reversed(range(n)):  # downstream first: a unit's output waits one tick for its consumer
+            item = slots[i]
+            if item is None:
+                continue
+            slots[i] = None
+            with torch.cuda.stream(streams[i]) if cuda else contextlib.nullcontext():
+                if cuda:
+                    streams[i].wait_event(item.ready)
+                    for t in (item.h, item.shortcut, item.y):
+                        if t is not None:
+                            t.record_stream(streams[i])  # tensors made on another stream, freed here
+                h, shortcut = step.unit(i, item.h, item.shortcut, item.y, item.ctx, weights, active, stats)
+                if i + 1 < n:
+                    ready = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        ready.record(streams[i])
+                    slots[i + 1] = _PipeItem(h, shortcut, item.y, item.ctx, ready)
+        if more:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                more = False
+            else:
+                h = step.start(x, y)
+                ready = torch.cuda.Event() if cuda else None
+                if cuda:
+                    ready.record(main)
+                slots[0] = _PipeItem(h, None, y, make_ctx(b), ready)
+                stats.steps += 1
+                b += 1
+        if not more and all(item is None for item in slots):
+            break
+    if cuda:
+        for s in streams:
+            main.wait_stream(s)
+
+
+class GraphedSteps:
+    """Replays one captured CUDA graph of the whole training step (every unit, its backward and its
+    optimiser step) for the full-size batches of an epoch: one launch per step instead of hundreds.
+
+    Captured afresh every epoch, after one eager step, so per-epoch state (learning rates, loss weights,
+    temperatures, training windows) is current; the batch index ``ctx.step`` is frozen at capture, so
+    units whose maths depends on it within an epoch must not use this mode. The last, smaller batch runs
+    eagerly. Needs capturable optimisers (set by the Trainer) and no host synchronisation in any unit.
+    """
+
+    def __init__(self, step: BatchStep, batch_size: int, warmup: int = 3) -> None:
+        self.step, self.batch_size, self.warmup = step, batch_size, warmup
+        self.warmed = False
+
+    def run_epoch(
+        self,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        make_ctx: Callable[[int], StepContext],
+        weights: dict[str, float],
+        active: list[bool],
+        stats: StepStats,
+    ) -> None:
+        graph, static_x, static_y = None, None, None
+        eager_first = 1 if self.warmed else self.warmup
+        for b, (x, y) in enumerate(batches):
+            full = x.shape[0] == self.batch_size
+            if graph is None and full and b >= eager_first:
+                static_x, static_y = x.clone(), y.clone()
+                graph = self._capture(static_x, static_y, make_ctx(b), weights, active, stats)
+            if graph is not None and full:
+                static_x.copy_(x)
+                static_y.copy_(y)
+                graph.replay()
+            else:
+                self._eager(x, y, make_ctx(b), weights, active, stats)
+            stats.steps += 1
+        self.warmed = self.warmed or graph is not None
+
+    def _eager(self, x, y, ctx, weights, active, stats) -> None:
+        # On a side stream, as capture requires of the steps before it (cuDNN/cuBLAS set-up, lazy state).
+        main = torch.cuda.current_stream(self.step.device)
+        side = torch.cuda.Stream(self.step.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.step(x, y, ctx, weights, active, stats)
+        main.wait_stream(side)
+
+    def _capture(self, x, y, ctx, weights, active, stats) -> torch.cuda.CUDAGraph:
+        for state in self.step.units:
+            if state.optimizer is not None:
+                state.optimizer.zero_grad(set_to_none=True)  # gradients then live in the graph's pool
+        torch.cuda.synchronize(self.step.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(x, y, ctx, weights, active, stats)
+        return graph
 
 
 # --------------------------------------------------------------------------------- the trainer
@@ -135,7 +373,14 @@ class Trainer:
         if cfg.train.compile:
             for unit in self.net.units:
                 unit.compile()
+        if self.device.type == "cuda" and not cfg.train.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        self.cuda_graph = _check_cuda_graph(cfg, self.device)
         self.units = [self._unit_state(u) for u in self.net.units]
+        self.step = BatchStep(
+            self.method, self.net, self.units, self.device, self.bf16, autocast_cache=not self.cuda_graph
+        )
+        self.graphed = GraphedSteps(self.step, cfg.train.batch_size) if self.cuda_graph else None
         self.scoring = [i for i, u in enumerate(self.net.units) if getattr(u, "emits_scores", True)]
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
@@ -144,13 +389,15 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.truncated = False
 
     def _unit_state(self, unit: nn.Module) -> UnitState:
         params = [p for p in unit.parameters() if p.requires_grad]
         ocfg = self.cfg.optim
         if getattr(unit, "optim_overrides", None):
             ocfg = dataclasses.replace(ocfg, **unit.optim_overrides)
-        opt = make_optimizer(params, ocfg) if params else None
+        fused = self.cfg.train.fused_optimizer and self.device.type == "cuda"
+        opt = make_optimizer(params, ocfg, fused=fused, capturable=self.cuda_graph) if params else None
         sched = make_scheduler(opt, ocfg, self.cfg.train.epochs) if opt is not None else None
         return UnitState(unit, params, opt, sched, ocfg.grad_clip)
 
@@ -172,40 +419,24 @@ class Trainer:
             u.on_epoch_start(epoch)
         weights = self.method.loss_weights(epoch)
         active = [u.optimizer is not None and u.unit.trainable_at(epoch) for u in self.units]
-        n_units = len(self.units)
-        term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
-        correct = torch.zeros(n_units, device=self.device)
-        seen = torch.zeros(n_units, device=self.device)
-        steps = 0
+        stats = StepStats(len(self.units), self.device)
         n_batches = math.ceil(len(self.data.train) / cfg.train.batch_size)
         bar = _progress(n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.progress)
+        batches = _counted(self._batches("train", epoch, train=True), bar)
+        epochs = cfg.train.epochs
+
+        def make_ctx(step: int) -> StepContext:
+            return StepContext(epoch, epochs, step)
+
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self._batches("train", epoch, train=True)):
-            ctx = StepContext(epoch, cfg.train.epochs, step)
-            with autocast(self.device, self.bf16):
-                h = net.stem(self.method.prepare_batch(x, y, True))
-            shortcut = None
-            for i, state in enumerate(self.units):
-                with autocast(self.device, self.bf16):
-                    out = state.unit(h)
-                    terms = state.unit.local_losses(out, y, ctx) if active[i] else {}
-                if terms:
-                    loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
-                    state.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if state.clip is not None:
-                        torch.nn.utils.clip_grad_norm_(state.params, state.clip)
-                    state.optimizer.step()
-                    for k, v in terms.items():
-                        acc = term_sums[i].get(k)
-                        term_sums[i][k] = v.detach().float() if acc is None else acc + v.detach().float()
-                if out.scores is not None:
-                    labels = y[: out.scores.shape[0]]
-                    correct[i] += (out.scores.detach().argmax(1) == labels).sum()
-                    seen[i] += labels.shape[0]
-                h, shortcut = net.advance(i, out.passed, shortcut)
-            steps += 1
-            bar.update(1)
+        if cfg.train.parallel == "pipeline":
+            run_pipeline(self.step, batches, make_ctx, weights, active, stats)
+        elif self.graphed is not None:
+            self.graphed.run_epoch(batches, make_ctx, weights, active, stats)
+        else:
+            for b, (x, y) in enumerate(batches):
+                self.step(x, y, make_ctx(b), weights, active, stats)
+                stats.steps += 1
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -214,7 +445,9 @@ class Trainer:
         for state in self.units:
             if state.scheduler is not None:
                 state.scheduler.step()
-        return self._train_summary(epoch, term_sums, correct, seen, steps, elapsed, active)
+        return self._train_summary(
+            epoch, stats.term_sums, stats.correct, stats.seen, stats.steps, elapsed, active
+        )
 
     def _train_summary(self, epoch, term_sums, correct, seen, steps, elapsed, active) -> dict[str, Any]:
         names = sorted({k for sums in term_sums for k in sums})
@@ -263,7 +496,9 @@ class Trainer:
             return torch.zeros(len(self.scoring), 0, k, device=self.device), torch.zeros(0, dtype=torch.long)
         return torch.cat(chunks, dim=1), torch.cat(labels)
 
-    def evaluate(self, epoch: int, train_summary: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, epoch: int, train_summary: dict[str, Any], last: bool = False) -> dict[str, Any]:
+        """Readouts fitted on validation; test scores every epoch, or at the last (``last``: a time limit
+        ends the run here)."""
         start = time.perf_counter()
         val_scores, val_y = self.collect_scores("val")
         ce = train_summary["train_loss"].get("ce")
@@ -276,7 +511,7 @@ class Trainer:
             "val_acc": {n: _acc(get_readout(n).combine(val_scores, states[n]), val_y) for n in names},
             "readout_state": states,
         }
-        if self.cfg.train.eval_test_every_epoch or epoch == self.cfg.train.epochs - 1:
+        if self.cfg.train.eval_test_every_epoch or last or epoch == self.cfg.train.epochs - 1:
             test_scores, test_y = self.collect_scores("test")
             record["test_acc_layers"] = _pct(per_layer_accuracy(test_scores, test_y))
             record["test_acc"] = {
@@ -296,10 +531,17 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         wall_start = time.perf_counter() - sum(r.get("epoch_time_s", 0.0) for r in self.history)
+        limit = cfg.train.time_limit_s
+        session_start = time.perf_counter()
+        self.truncated = False
         for epoch in range(self.start_epoch, cfg.train.epochs):
             epoch_start = time.perf_counter()
             summary = self.train_epoch(epoch)
-            record = {"epoch": epoch, **summary, **self.evaluate(epoch, summary)}
+            if limit is not None and epoch < cfg.train.epochs - 1:
+                # Stop after this epoch if the next one (as long as this one) would overrun the limit.
+                spent = time.perf_counter() - session_start
+                self.truncated = spent + (time.perf_counter() - epoch_start) > limit
+            record = {"epoch": epoch, **summary, **self.evaluate(epoch, summary, last=self.truncated)}
             record["unit_stats"] = _unit_stats(self.net)
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             self.history.append(record)
@@ -310,6 +552,8 @@ class Trainer:
                 self._save_checkpoint(ckpt_path, epoch + 1)
             for callback in self.callbacks:
                 callback(record)
+            if self.truncated:
+                break
         result = self._result_row(time.perf_counter() - wall_start)
         self._save_artifacts()
         atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2))
@@ -338,6 +582,8 @@ class Trainer:
             "config_hash": cfg.config_hash(),
             "readout": main,
             "epochs": len(hist),
+            "epochs_planned": cfg.train.epochs,
+            "truncated": len(hist) < cfg.train.epochs,  # stopped by train.time_limit_s
             "n_train": len(self.data.train),
             "n_val": len(self.data.val),
             "n_test": len(self.data.test),
@@ -438,6 +684,27 @@ def _pct(values: list[float]) -> list[float]:
 
 def _nan_to_none(v: float) -> float | None:
     return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _counted(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], bar: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in batches:
+        yield batch
+        bar.update(1)
+
+
+def _check_cuda_graph(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether to capture the training step as a CUDA graph (``train.cuda_graph``)."""
+    if not cfg.train.cuda_graph:
+        return False
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph=true needs a CUDA device, not {device}; set it to false")
+    if cfg.train.parallel != "off":
+        raise ConfigError(
+            f"train.cuda_graph=true works with train.parallel=off only, not {cfg.train.parallel!r}"
+        )
+    return True
 
 
 class _NoBar:
