@@ -396,7 +396,7 @@ class Trainer:
         ocfg = self.cfg.optim
         if getattr(unit, "optim_overrides", None):
             ocfg = dataclasses.replace(ocfg, **unit.optim_overrides)
-        fused = self.cfg.train.fused_optimizer and self.device.type == "cuda"
+        fused = self.cfg.train.fused_optimizer and self.device.type in _fused_devices()
         opt = make_optimizer(params, ocfg, fused=fused, capturable=self.cuda_graph) if params else None
         sched = make_scheduler(opt, ocfg, self.cfg.train.epochs) if opt is not None else None
         return UnitState(unit, params, opt, sched, ocfg.grad_clip)
@@ -692,6 +692,12 @@ def _counted(
     for batch in batches:
         yield batch
         bar.update(1)
+
+
+def _fused_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return _get_fused_kernels_supported_devices()
 
 
 def _check_cuda_graph(cfg: RunConfig, device: torch.device) -> bool:
