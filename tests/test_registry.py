@@ -60,3 +60,19 @@ def test_every_arch_builds_a_consistent_plan(arch, size):
     assert len(plan) >= 1
     for prev, spec in zip(plan.layers, plan.layers[1:]):
         assert spec.in_channels == prev.passed_channels
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_dataset_loads_or_says_how_to_get_it(name, tmp_path, monkeypatch):
+    from cawbench.config import DataConfig
+    from cawbench.data import DataError, prepare_data
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no cached downloads from earlier sessions
+    try:
+        data = prepare_data(DataConfig(name=name, data_dir=str(tmp_path), subset=20, test_subset=10))
+    except DataError as err:
+        assert f"could not find the {name} dataset" in str(err) and "--data-dir" in str(err)
+        return
+    assert data.train.x.dtype.is_floating_point is False and data.train.x.dim() == 4
+    assert len(data.train) == 20 and len(data.test) == 10
+    assert int(data.train.y.max()) < data.info.num_classes
