@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cawbench.config import ConfigError, DataConfig, parse_override
 from cawbench.data import BatchTransform, DataInfo, PreparedData, Split
@@ -80,6 +81,32 @@ class SavedTensorMeter:
 
     def unit_bytes(self) -> list[int]:
         return [sum(self.per_unit[i].values()) for i in sorted(self.per_unit)]
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts operations that need a tensor's value on the host (``.item()``, ``bool(t)``, ``nonzero``,
+    ...): each one is a device synchronisation on a GPU, so a training step should have none."""
+
+    OPS = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten._unique2.default,
+        torch.ops.aten.unique_consecutive.default,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func in self.OPS:
+            self.count += 1
+            self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def parameter_storages(module: torch.nn.Module) -> set[int]:
@@ -244,6 +271,10 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     per_unit = meter.unit_bytes()
     row["saved_max_mb"] = max(per_unit, default=0) / 2**20
     row["saved_sum_mb"] = sum(per_unit) / 2**20
+    reads = HostReadCounter()
+    with reads:
+        trainer.step(x, y, ctx, weights, active, StepStats(len(trainer.units), device))
+    row["host_reads_per_step"] = reads.count
     from torch.utils.flop_counter import FlopCounterMode
 
     with _force_eager():
@@ -340,6 +371,7 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("x BP", lambda r: _x(r.get("train_flop_x"))),
     ("GFLOP/s", lambda r: _fmt(r.get("train_gflops"))),
     ("x BP", lambda r: _x(r.get("gflops_x"))),
+    ("host reads/step", lambda r: _fmt(r.get("host_reads_per_step"))),
 ]
 
 
@@ -362,6 +394,7 @@ CSV_FIELDS = [
     "label", "method", "recipe", "arch", "width", "depth", "batch", "units", "params_m", "precision",
     "train_ips", "train_ips_spread_pct", "eval_ips", "eval_ips_spread_pct", "saved_max_mb", "saved_sum_mb",
     "peak_mem_mb", "peak_above_resident_mb", "train_gflop_per_img", "eval_gflop_per_img", "train_gflops",
+    "host_reads_per_step",
     *RATIO_FIELDS.values(), "reference", "device", "error",
 ]  # fmt: skip
 
@@ -409,7 +442,8 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         "at once by a sequential layer-local step), `sum` = all units. Peak MB = max CUDA memory allocated "
         "over the timed training epochs (parameters, optimiser state, resident data included). FLOPs from "
         "`torch.utils.flop_counter.FlopCounterMode` over one training step (forward + the backward work "
-        "really done), per image; GFLOP/s = that x train img/s.",
+        "really done), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
+        "step that need a value on the host (`.item()`, `bool(t)`, `nonzero`, ...): device syncs on a GPU.",
         "",
     ]
     return "\n".join(lines)
@@ -468,29 +502,33 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     entries = parse_methods(args.methods, list_methods())
+    # Plain backprop rows first: they are the references of the rows after them.
+    entries.sort(key=lambda e: not (e.method == REFERENCE and not e.overrides))
     device = resolve_device(args.device)
     print(f"bench on {describe_device(device)}: {', '.join(e.label for e in entries)}", flush=True)
-    rows, refs = [], {}
+    rows: list[dict[str, Any]] = []
+    refs: dict[tuple, dict[str, Any]] = {}
     for entry in entries:
         rows.append(_measure_entry(entry, args))
         key = rows[-1].get("model_key")
-        if args.no_reference or key is None or key in refs:
-            continue
-        if entry.method == REFERENCE and not entry.overrides:
+        if entry.method == REFERENCE and not entry.overrides and key not in refs:
             refs[key] = rows[-1]
-            continue
-        ref_entry = Entry(f"{REFERENCE} (ref)", REFERENCE, {})
-        ref = _measure_entry(ref_entry, args, model=rows[-1]["model"])
-        refs[key] = ref
-        rows.append(ref)
+        elif not args.no_reference and key is not None and key not in refs:
+            ref = _measure_entry(Entry(f"{REFERENCE} (ref)", REFERENCE, {}), args, model=rows[-1]["model"])
+            refs[key] = ref
+            rows.append(ref)
+        path = _finish(rows, refs, args, device)  # after every row: a cut-off run still leaves a report
+    print("\n".join(table_lines(rows, markdown=False)))
+    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    return 0
+
+
+def _finish(rows: list[dict[str, Any]], refs: dict[tuple, dict[str, Any]], args, device) -> Path:
     for row in rows:
         ref = refs.get(row.get("model_key"))
         row["reference"] = ref["label"] if ref else None
     add_ratios(rows, refs)
-    print("\n".join(table_lines(rows, markdown=False)))
-    path = write_reports(rows, args, device)
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
-    return 0
+    return write_reports(rows, args, device)
 
 
 def _measure_entry(entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None) -> dict:

@@ -77,8 +77,10 @@ def main() -> None:
     for n in names:
         med = statistics.median(times[n])
         ratios = [times[names[0]][i] / times[n][i] for i in range(args.rounds)]
-        print(f"  {n:<11} {args.batch / med:7.1f} img/s (median step {med:.2f} s)  speed-up vs {names[0]}: "
-              f"{base / med:.2f}x (per-round {min(ratios):.2f}..{max(ratios):.2f})")
+        print(
+            f"  {n:<11} {args.batch / med:7.1f} img/s (median step {med:.2f} s)  speed-up vs {names[0]}: "
+            f"{base / med:.2f}x (per-round {min(ratios):.2f}..{max(ratios):.2f})"
+        )
 
 
 if __name__ == "__main__":
