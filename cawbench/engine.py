@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -288,18 +289,54 @@ def run_pipeline(
             main.wait_stream(s)
 
 
+class CudaGraphBackend:
+    """Captures a step as a CUDA graph; eager steps run on a side stream, as capture requires of the steps
+    before it (cuDNN/cuBLAS set-up, lazily created optimiser state)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def eager(self, fn: Callable[[], None]) -> None:
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fn()
+        main.wait_stream(side)
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+
+class ReplayBackend:
+    """CPU stand-in for :class:`CudaGraphBackend`: "replaying" calls the captured step again with the same
+    frozen arguments. Checks the graph runner's data flow (static inputs, which batches replay) anywhere."""
+
+    def eager(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn
+
+
 class GraphedSteps:
     """Replays one captured CUDA graph of the whole training step (every unit, its backward and its
     optimiser step) for the full-size batches of an epoch: one launch per step instead of hundreds.
 
     Captured afresh every epoch, after one eager step, so per-epoch state (learning rates, loss weights,
-    temperatures, training windows) is current; the batch index ``ctx.step`` is frozen at capture, so
-    units whose maths depends on it within an epoch must not use this mode. The last, smaller batch runs
-    eagerly. Needs capturable optimisers (set by the Trainer) and no host synchronisation in any unit.
+    temperatures, training windows) is current and every running sum exists before capture; the batch index
+    ``ctx.step`` is frozen at capture, so units whose maths depends on it within an epoch must not use this
+    mode. The last, smaller batch runs eagerly. Needs capturable optimisers (the Trainer makes them) and no
+    host synchronisation or host-to-device copy inside any unit.
     """
 
-    def __init__(self, step: BatchStep, batch_size: int, warmup: int = 3) -> None:
+    def __init__(self, step: BatchStep, batch_size: int, warmup: int = 3, backend: Any = None) -> None:
         self.step, self.batch_size, self.warmup = step, batch_size, warmup
+        self.backend = backend if backend is not None else CudaGraphBackend(step.device)
         self.warmed = False
 
     def run_epoch(
@@ -310,40 +347,25 @@ class GraphedSteps:
         active: list[bool],
         stats: StepStats,
     ) -> None:
-        graph, static_x, static_y = None, None, None
+        replay, static_x, static_y = None, None, None
         eager_first = 1 if self.warmed else self.warmup
         for b, (x, y) in enumerate(batches):
             full = x.shape[0] == self.batch_size
-            if graph is None and full and b >= eager_first:
+            if replay is None and full and b >= eager_first:
                 static_x, static_y = x.clone(), y.clone()
-                graph = self._capture(static_x, static_y, make_ctx(b), weights, active, stats)
-            if graph is not None and full:
+                for state in self.step.units:
+                    if state.optimizer is not None:  # gradients will live in the graph's memory pool
+                        state.optimizer.zero_grad(set_to_none=True)
+                step = functools.partial(self.step, static_x, static_y, make_ctx(b), weights, active, stats)
+                replay = self.backend.capture(step)
+                self.warmed = True
+            if replay is not None and full:
                 static_x.copy_(x)
                 static_y.copy_(y)
-                graph.replay()
+                replay()
             else:
-                self._eager(x, y, make_ctx(b), weights, active, stats)
+                self.backend.eager(functools.partial(self.step, x, y, make_ctx(b), weights, active, stats))
             stats.steps += 1
-        self.warmed = self.warmed or graph is not None
-
-    def _eager(self, x, y, ctx, weights, active, stats) -> None:
-        # On a side stream, as capture requires of the steps before it (cuDNN/cuBLAS set-up, lazy state).
-        main = torch.cuda.current_stream(self.step.device)
-        side = torch.cuda.Stream(self.step.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            self.step(x, y, ctx, weights, active, stats)
-        main.wait_stream(side)
-
-    def _capture(self, x, y, ctx, weights, active, stats) -> torch.cuda.CUDAGraph:
-        for state in self.step.units:
-            if state.optimizer is not None:
-                state.optimizer.zero_grad(set_to_none=True)  # gradients then live in the graph's pool
-        torch.cuda.synchronize(self.step.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step(x, y, ctx, weights, active, stats)
-        return graph
 
 
 # --------------------------------------------------------------------------------- the trainer

@@ -50,3 +50,21 @@ def test_pipeline_and_sequential_record_the_same_epoch(tiny_config):
 def test_cuda_graph_needs_cuda_and_the_sequential_mode(tiny_config):
     with pytest.raises(ConfigError, match="train.cuda_graph=true needs a CUDA device"):
         Trainer(tiny_config(train__cuda_graph=True))
+
+
+def test_graph_runner_replays_every_full_batch_once(tiny_config):
+    # The CUDA-graph runner's data flow, checked on the CPU with a stand-in that "replays" by calling the
+    # captured step again: same parameters as plain eager steps, over 2 epochs (capture in each) with a
+    # smaller last batch (run eagerly).
+    from cawbench.engine import GraphedSteps, ReplayBackend
+
+    with registered() as method:
+        common = dict(model__arch="tinycnn", model__width=0.1, train__batch_size=20, data__subset=110,
+                      train__epochs=2, train__seed=5)  # fmt: skip
+        eager = _train(tiny_config(method, **common))
+        graphed = Trainer(tiny_config(method, **common), write_result=False)
+        graphed.graphed = GraphedSteps(graphed.step, 20, warmup=2, backend=ReplayBackend())
+        records = [graphed.train_epoch(epoch) for epoch in range(2)]
+    for a, b in zip(eager.net.parameters(), graphed.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert all(r["train_images_per_s"] for r in records)
