@@ -289,6 +289,94 @@ def run_pipeline(
             main.wait_stream(s)
 
 
+def balanced_groups(costs: list[float], parts: int) -> list[list[int]]:
+    """Split units 0..n-1 into ``parts`` contiguous groups whose largest total cost is smallest."""
+    n = len(costs)
+    parts = max(1, min(parts, n))
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+
+    def solve(start: int, k: int) -> tuple[float, list[int]]:  # min over cut points of the max group cost
+        if k == 1:
+            return prefix[n] - prefix[start], [n]
+        if (start, k) not in best:
+            options = []
+            for cut in range(start + 1, n - k + 2):
+                rest, cuts = solve(cut, k - 1)
+                options.append((max(prefix[cut] - prefix[start], rest), [cut, *cuts]))
+            best[start, k] = min(options, key=lambda o: o[0])
+        return best[start, k]
+
+    _, cuts = solve(0, parts)
+    bounds = [0, *cuts]
+    return [list(range(bounds[g], bounds[g + 1])) for g in range(parts)]
+
+
+def run_thread_pipeline(
+    step: BatchStep,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    make_ctx: Callable[[int], StepContext],
+    weights: dict[str, float],
+    active: list[bool],
+    stats: StepStats,
+    groups: list[list[int]],
+) -> None:
+    """Layer-parallel training on the CPU: one worker thread per group of consecutive units, FIFO queues
+    between them, each worker with a single intra-op thread (no OpenMP barriers between the cores).
+
+    Every unit is driven by one worker and sees the batches in order, so the updates are the sequential
+    mode's; random draws (dropout) of different workers interleave in no fixed order, so only stochastic
+    units differ from run to run.
+    """
+    import queue
+    import threading
+
+    n_workers = len(groups)
+    queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(n_workers)]
+    errors: list[BaseException] = []
+
+    def work(w: int) -> None:
+        torch.set_num_threads(1)
+        failed = False
+        while True:
+            item = queues[w].get()
+            if item is None:
+                break
+            if failed:
+                continue  # keep draining so the worker upstream never blocks
+            try:
+                h, shortcut, y, ctx = item
+                for i in groups[w]:
+                    h, shortcut = step.unit(i, h, shortcut, y, ctx, weights, active, stats)
+                if w + 1 < n_workers:
+                    queues[w + 1].put((h, shortcut, y, ctx))
+            except BaseException as exc:  # re-raised in the calling thread
+                errors.append(exc)
+                failed = True
+        if w + 1 < n_workers:
+            queues[w + 1].put(None)
+
+    threads_before = torch.get_num_threads()
+    workers = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(n_workers)]
+    for t in workers:
+        t.start()
+    try:
+        for b, (x, y) in enumerate(batches):
+            if errors:
+                break
+            queues[0].put((step.start(x, y), None, y, make_ctx(b)))
+            stats.steps += 1
+    finally:
+        queues[0].put(None)
+        for t in workers:
+            t.join()
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+
+
 class CudaGraphBackend:
     """Captures a step as a CUDA graph; eager steps run on a side stream, as capture requires of the steps
     before it (cuDNN/cuBLAS set-up, lazily created optimiser state)."""
@@ -403,6 +491,9 @@ class Trainer:
             self.method, self.net, self.units, self.device, self.bf16, autocast_cache=not self.cuda_graph
         )
         self.graphed = GraphedSteps(self.step, cfg.train.batch_size) if self.cuda_graph else None
+        self.pipeline_groups = None
+        if cfg.train.parallel == "pipeline" and self.device.type == "cpu" and cfg.train.pipeline_threads > 1:
+            self.pipeline_groups = balanced_groups(self._unit_costs(), cfg.train.pipeline_threads)
         self.scoring = [i for i, u in enumerate(self.net.units) if getattr(u, "emits_scores", True)]
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
@@ -422,6 +513,23 @@ class Trainer:
         opt = make_optimizer(params, ocfg, fused=fused, capturable=self.cuda_graph) if params else None
         sched = make_scheduler(opt, ocfg, self.cfg.train.epochs) if opt is not None else None
         return UnitState(unit, params, opt, sched, ocfg.grad_clip)
+
+    def _unit_costs(self) -> list[float]:
+        """Forward FLOPs of each unit on a 2-image batch (to balance pipeline workers)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(2, *self.data.info.input_shape, device=self.device)
+        y = torch.zeros(2, dtype=torch.long, device=self.device)
+        costs = []
+        with torch.no_grad():
+            h, shortcut = self.net.stem(self.method.prepare_batch(x, y, True)), None
+            for i, unit in enumerate(self.net.units):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    out = unit(h)
+                costs.append(float(counter.get_total_flops()) + 1.0)
+                h, shortcut = self.net.advance(i, out.passed, shortcut)
+        return costs
 
     # ----------------------------------------------------------------------------- training
     def _batches(self, split: str, epoch: int, train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -451,7 +559,9 @@ class Trainer:
             return StepContext(epoch, epochs, step)
 
         start = time.perf_counter()
-        if cfg.train.parallel == "pipeline":
+        if cfg.train.parallel == "pipeline" and self.pipeline_groups is not None:
+            run_thread_pipeline(self.step, batches, make_ctx, weights, active, stats, self.pipeline_groups)
+        elif cfg.train.parallel == "pipeline":
             run_pipeline(self.step, batches, make_ctx, weights, active, stats)
         elif self.graphed is not None:
             self.graphed.run_epoch(batches, make_ctx, weights, active, stats)
