@@ -17,14 +17,24 @@ def _train(cfg) -> Trainer:
     return trainer
 
 
-def test_pipeline_gives_the_same_parameters_as_sequential(tiny_config):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pipeline_gives_the_same_parameters_as_sequential(tiny_config, threads):
     # ResNet-17 wiring (shortcut adds and concatenations between units), 2 epochs of 4 batches, the last
-    # one smaller: every unit must see the same inputs in the same order in both schedules.
+    # one smaller: every unit must see the same inputs in the same order in both schedules; with 1 thread
+    # the wavefront runs in the calling thread, with 3 the units are split over 3 worker threads.
     with registered() as method:
         common = dict(model__arch="resnet17", model__width=0.04, train__batch_size=40, data__subset=150,
                       train__epochs=2, train__seed=7)  # fmt: skip
-        seq = _train(tiny_config(method, train__parallel="off", **common))
-        pipe = _train(tiny_config(method, train__parallel="pipeline", **common))
+        # Workers run with one intra-op thread; so does the reference (summation order is thread-dependent).
+        before = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else before)
+        try:
+            seq = _train(tiny_config(method, train__parallel="off", **common))
+        finally:
+            torch.set_num_threads(before)
+        pipe = _train(
+            tiny_config(method, train__parallel="pipeline", train__pipeline_threads=threads, **common)
+        )
         initial = Trainer(tiny_config(method, **common), write_result=False)  # same seed, not trained
     assert len(seq.units) == 17
     for (name, a), (_, b) in zip(seq.net.named_parameters(), pipe.net.named_parameters(), strict=True):
@@ -68,3 +78,29 @@ def test_graph_runner_replays_every_full_batch_once(tiny_config):
     for a, b in zip(eager.net.parameters(), graphed.net.parameters(), strict=True):
         assert torch.equal(a, b)
     assert all(r["train_images_per_s"] for r in records)
+
+
+def test_a_failing_unit_in_a_pipeline_worker_raises_in_the_caller(tiny_config):
+    with registered() as method:
+        cfg = tiny_config(method, model__arch="tinycnn", model__width=0.1, train__batch_size=10,
+                          data__subset=60, train__parallel="pipeline", train__pipeline_threads=2)  # fmt: skip
+        trainer = Trainer(cfg, write_result=False)
+        assert trainer.pipeline_groups == [[0, 1], [2, 3]] or len(trainer.pipeline_groups) == 2
+
+        def broken(*args, **kwargs):
+            raise FloatingPointError("unit 3 broke")
+
+        trainer.net.units[3].local_losses = broken
+        with pytest.raises(FloatingPointError, match="unit 3 broke"):
+            trainer.train_epoch(0)
+
+
+def test_balanced_groups_are_contiguous_and_minimise_the_largest_group():
+    from cawbench.engine import balanced_groups
+
+    assert balanced_groups([1, 1, 1, 1], 2) == [[0, 1], [2, 3]]
+    assert balanced_groups([6, 1, 1, 1, 1, 1], 2) == [[0], [1, 2, 3, 4, 5]]
+    assert balanced_groups([1, 2, 3], 5) == [[0], [1], [2]]
+    groups = balanced_groups([3, 1, 1, 1, 2, 2, 2], 3)
+    assert [i for g in groups for i in g] == list(range(7))
+    assert max(sum([3, 1, 1, 1, 2, 2, 2][i] for i in g) for g in groups) == 4
