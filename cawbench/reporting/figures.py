@@ -106,7 +106,7 @@ def learning_curves(curves: pd.DataFrame, labels: list[str], path: Path) -> Path
     present = [lab for lab in labels if lab in set(curves["label"])]
     panels = [("val_acc", "validation accuracy (%), main readout")]
     if "train_loss" in curves.columns and curves["train_loss"].notna().any():
-        panels.append(("train_loss", "training loss (mean of units' weighted terms)"))
+        panels.append(("train_loss", "training loss (ce term, mean over units)"))
     if "test_acc" in curves.columns and curves["test_acc"].notna().sum() > curves["label"].nunique():
         panels.append(("test_acc", "test accuracy (%), main readout"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
@@ -115,6 +115,7 @@ def learning_curves(curves: pd.DataFrame, labels: list[str], path: Path) -> Path
                      palette=_palette(present), errorbar="sd", marker="o", ax=ax)  # fmt: skip
         ax.set_ylabel(ylabel)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title=None)
     return _save(fig, path)
@@ -147,6 +148,7 @@ def lcs_weights(weights: pd.DataFrame, labels: list[str], path: Path) -> Path:
                      ax=ax, legend=n_layers <= 12)  # fmt: skip
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("LCS weight")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         if ax.get_legend() is not None:
             ax.legend(fontsize=6, title="layer", title_fontsize=6, ncol=2)

@@ -112,7 +112,7 @@ def paper_comparison(
         n_row.update(paper_acc=paper_acc, paper_std=paper_std)
         for col, name in ACCURACY_COLUMNS.items():
             agg = aggregate(runs.assign(_all=0), ["_all"], col) if not runs.empty else None
-            mean, std, n = (agg.iloc[0][["mean", "std", "n"]] if agg is not None else (None, None, 0))
+            mean, std, n = agg.iloc[0][["mean", "std", "n"]] if agg is not None else (None, None, 0)
             diff = float(mean) - float(paper_acc) if n and not math.isnan(float(mean)) else None
             d[f"ours: {name}"] = format_cell(mean, std, n)
             d[f"Δ {name.split(' (')[0]} − paper"] = format_number(diff, signed=True)

@@ -29,6 +29,7 @@ from cawbench.reporting.aggregate import (
     cells,
     delta_cells,
     format_cell,
+    format_number,
     latex_table,
     markdown_table,
     paired_deltas,
@@ -77,9 +78,7 @@ class _Builder:
         self.parts: list[str] = []
         # The runs that represent each (label, dataset): the best configuration on validation.
         self.shown = best_configs(self.rows, ["label", "dataset"], source.objective, source.direction)
-        self.multi_config = bool(
-            (self.rows.groupby(["label", "dataset"])["config"].nunique() > 1).any()
-        )
+        self.multi_config = bool((self.rows.groupby(["label", "dataset"])["config"].nunique() > 1).any())
 
     # ------------------------------------------------------------------ output helpers
     def table(self, name: str, display: pd.DataFrame, numeric: pd.DataFrame | None = None) -> None:
@@ -333,11 +332,14 @@ class _Builder:
             key = col.split(":", 1)[1]
             dim = self._dimension(key)
             values = pd.to_numeric(self.rows[col])
-            log_x = bool(dim.log) if dim is not None else bool(values.min() > 0 and values.max() / values.min() >= 100)
+            spread = bool(values.min() > 0 and values.max() / values.min() >= 10)  # a decade or more
+            log_x = bool(dim.log) if dim is not None and dim.type != "categorical" else spread
             points = self.rows[["label", "seed", "final_val_acc", HEADLINE]].copy()
             points[key] = values
             note = "other searched parameters vary between points" if len(params) > 1 else ""
-            path = figures.sensitivity(points, key, self.labels, log_x, self.fig_path(f"sensitivity_{key}"), note)
+            path = figures.sensitivity(
+                points, key, self.labels, log_x, self.fig_path(f"sensitivity_{key}"), note
+            )
             agg_val = aggregate(points, ["label", key], "final_val_acc")
             agg_test = aggregate(points, ["label", key], HEADLINE)
             merged = agg_val.merge(agg_test, on=["label", key], suffixes=("_val", "_test")).sort_values(
@@ -568,7 +570,9 @@ class _Builder:
         for (label, dataset), runs in self.shown.groupby(["label", "dataset"], sort=False):
             run = runs.sort_values("seed").iloc[0]
             arrays = read_artifacts(run["run_path"])
-            layers = sorted(k for k in arrays if re.fullmatch(r"layer\d+_assignment", k) and arrays[k].ndim == 2)
+            layers = sorted(
+                k for k in arrays if re.fullmatch(r"layer\d+_assignment", k) and arrays[k].ndim == 2
+            )
             if not layers:
                 continue
             picked = list(dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]))
@@ -604,14 +608,21 @@ class _Builder:
         params = rows.groupby(group)["n_params"].first().reset_index() if "n_params" in rows else None
         if params is not None:
             table = table.merge(params, on=group, how="left")
-        bp = table[table["label"].isin(self._backprop_labels())]
+        bp_labels = [lab for lab in self.labels if lab in self._backprop_labels()]
+        if self.src.reference in bp_labels:  # several backprop configurations: the study's reference
+            bp_labels = [self.src.reference]
+        bp = table[table["label"].isin(bp_labels[:1])]
         bp = bp.groupby(["device", "dataset"])["train_images_per_s_mean"].first()
         table["train_speed_vs_backprop"] = [
             (m / bp.get((d, ds)) if (d, ds) in bp.index and bp.get((d, ds)) else None)
             for m, d, ds in zip(table["train_images_per_s_mean"], table["device"], table["dataset"])
         ]
         order = {lab: i for i, lab in enumerate(self.labels)}
-        table = table.assign(_k=table["label"].map(order)).sort_values(["device", "dataset", "_k"]).drop(columns="_k")
+        table = (
+            table.assign(_k=table["label"].map(order))
+            .sort_values(["device", "dataset", "_k"])
+            .drop(columns="_k")
+        )
         display = pd.DataFrame({
             "device": table["device"], "dataset": table["dataset"], "configuration": table["label"],
             "train images/s": [format_cell(m, s, n, 1) for m, s, n in zip(
@@ -620,7 +631,8 @@ class _Builder:
                 table["eval_images_per_s_mean"], table["eval_images_per_s_std"], table["eval_images_per_s_n"])],
             "peak CUDA memory (MiB)": [format_cell(m, s, n, 0) for m, s, n in zip(
                 table["peak_cuda_mem_mib_mean"], table["peak_cuda_mem_mib_std"], table["peak_cuda_mem_mib_n"])],
-            "train speed / backprop": [f"{v:.2f}x" if v else MISSING for v in table["train_speed_vs_backprop"]],
+            "train speed / backprop": [(format_number(v) + "x") if format_number(v) != MISSING else MISSING
+                                       for v in table["train_speed_vs_backprop"]],
             "wall time (s)": [format_cell(m, s, n, 1) for m, s, n in zip(
                 table["wall_time_s_mean"], table["wall_time_s_std"], table["wall_time_s_n"])],
             "parameters": [f"{int(v):,}" if isinstance(v, (int, float)) and not math.isnan(v) else MISSING
@@ -631,8 +643,12 @@ class _Builder:
             "Throughput per configuration (median over epochs per run, then mean ± std over seeds): training "
             "images/s, and evaluation images/s (validation, plus test where evaluated, per second of "
             "evaluation). Peak CUDA memory is `torch.cuda.max_memory_allocated` (– on CPU). "
-            + ("Speed relative to the backprop reference on the same device and dataset. " if has_bp else
-               "No backprop reference ran in this study, so no ratio is given. ")  # fmt: skip
+            + (
+                f"Training speed relative to the backprop reference (`{bp_labels[0]}`) on the same device and "
+                "dataset. "
+                if has_bp
+                else "No backprop reference ran in this study, so no ratio is given. "
+            )  # fmt: skip
             + "Timings on shared machines are noisy; compare ratios from the same study.\n"
         )
         self.table("cost", display.reset_index(drop=True), table.reset_index(drop=True))

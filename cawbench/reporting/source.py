@@ -108,9 +108,7 @@ def _open_storage(storage: str | None, out_dir: Path):
     return open_storage(storage, out_dir)
 
 
-def _from_study(
-    name: str, out_dir: Path, storage: str | None, spec: Any, scale: str | None
-) -> ReportSource:
+def _from_study(name: str, out_dir: Path, storage: str | None, spec: Any, scale: str | None) -> ReportSource:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -317,6 +315,8 @@ def best_configs(rows: pd.DataFrame, group: list[str], objective: str, direction
     seeds (test accuracy never selects). Among equal means, more seeds win, then the first seen."""
     if rows.empty:
         return rows
+    if not group:
+        return best_configs(rows.assign(_all=0), ["_all"], objective, direction).drop(columns="_all")
     values = pd.to_numeric(rows[objective], errors="coerce")
     stats = (
         rows.assign(_v=values)
