@@ -4,7 +4,6 @@ clear error for a study with no finished trials."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +209,9 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
     for needle in ("**Command:** `cawbench report", "**Hardware (runs):** cpu", "**Date:**",
                    "optuna 5", f"`{out_dir / 'optuna.journal'}`", "ddof=1"):  # fmt: skip
         assert needle in markdown, needle
-    assert "PED-ANOVA" in markdown and "FanovaImportanceEvaluator(n_trees=64, max_depth=64, seed=0)" in markdown
+    assert (
+        "PED-ANOVA" in markdown and "FanovaImportanceEvaluator(n_trees=64, max_depth=64, seed=0)" in markdown
+    )
 
     # The numbers in the Markdown equal a hand aggregation of the results table.
     results = pd.read_json(out_dir / "results.jsonl", lines=True)

@@ -64,11 +64,12 @@ def sensitivity(
 
 def importance(table: pd.DataFrame, path: Path) -> Path:
     """Horizontal bars: parameter importance per evaluator (each evaluator's importances sum to 1)."""
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.45 * table["parameter"].nunique() * 1.4))
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.7 * table["parameter"].nunique()))
     sns.barplot(data=table, y="parameter", x="importance", hue="evaluator", ax=ax, errorbar=None)
     ax.set_xlabel("importance (normalised per evaluator)")
     ax.set_ylabel("")
-    ax.legend(fontsize=7, title=None, loc="lower right")
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=7, title=None, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
@@ -166,6 +167,8 @@ def assignments(matrices: list[tuple[str, np.ndarray]], title: str, path: Path) 
         ax.set_title(f"{name} ({matrix.shape[0]} ch x {matrix.shape[1]} classes)", fontsize=8)
         ax.set_xlabel("class")
         ax.set_ylabel("channel")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
