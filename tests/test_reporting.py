@@ -282,3 +282,20 @@ def test_study_without_finished_trials_gives_a_clear_message(tmp_path, capsys):
     # A study that was never started, and a name that is nothing at all, are clear errors too.
     assert main(["report", "no_such_study", "--out-dir", str(out_dir)]) == 2
     assert "'no_such_study' is not a study spec, study name or results folder" in capsys.readouterr().err
+
+
+def test_best_configuration_is_chosen_on_validation_over_full_seed_sets():
+    from cawbench.reporting.source import best_configs
+
+    rows = pd.DataFrame(
+        [
+            # config, seed, final_val_acc, final_test_acc
+            ("a", 0, 80.0, 99.0), ("a", 1, 82.0, 99.0),  # the best test accuracy: must not matter
+            ("b", 0, 85.0, 50.0), ("b", 1, 83.0, 50.0),  # best mean validation over both seeds
+            ("c", 0, 95.0, 10.0),  # one lucky seed only: not comparable to the full ones
+        ],
+        columns=["config", "seed", "final_val_acc", "final_test_acc"],
+    ).assign(label="x")  # fmt: skip
+    chosen = best_configs(rows, ["label"], "final_val_acc", "maximize")
+    assert set(chosen["config"]) == {"b"} and len(chosen) == 2
+    assert set(best_configs(rows, ["label"], "final_val_acc", "minimize")["config"]) == {"a"}

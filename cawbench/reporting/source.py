@@ -187,6 +187,8 @@ def normalise_rows(frame: pd.DataFrame, out_dir: Path, spec: Any) -> pd.DataFram
     for key in sorted({k for p in params for k in p}):
         df[f"param:{key}"] = [p.get(key) for p in params]
     df["config"] = [_config_key(r) for r in df.to_dict("records")]
+    # The same configuration and seed finished twice (a re-run): the later row counts, once.
+    df = df.drop_duplicates(subset=["config", "seed"], keep="last").reset_index(drop=True)
     df["depth_label"] = [("default" if _missing(d) else str(int(d))) for d in df["depth"]]
     extra = [_metrics_summary(p) for p in df["run_path"]]
     df["eval_images_per_s"] = [e.get("eval_images_per_s") for e in extra]
@@ -312,7 +314,8 @@ def label_order(rows: pd.DataFrame, spec: Any = None) -> list[str]:
 
 def best_configs(rows: pd.DataFrame, group: list[str], objective: str, direction: str) -> pd.DataFrame:
     """The runs of the best configuration per group, chosen by the mean *validation* objective over
-    seeds (test accuracy never selects). Among equal means, more seeds win, then the first seen."""
+    seeds (test accuracy never selects), among the configurations with the most finished seeds in the
+    group; ties go to the first seen."""
     if rows.empty:
         return rows
     if not group:
@@ -326,7 +329,9 @@ def best_configs(rows: pd.DataFrame, group: list[str], objective: str, direction
     )
     sign = 1 if direction == "maximize" else -1
     stats["_score"] = sign * stats["mean"].fillna(-math.inf * sign)
-    stats = stats.sort_values(["_score", "count"], ascending=False, kind="stable")
+    # Configurations that ran on the group's full seed set come first: one lucky seed must not win.
+    stats["_full"] = stats["count"] == stats.groupby(group, dropna=False)["count"].transform("max")
+    stats = stats.sort_values(["_full", "_score"], ascending=False, kind="stable")
     chosen = stats.drop_duplicates(subset=group, keep="first")[[*group, "config"]]
     return rows.merge(chosen, on=[*group, "config"], how="inner")
 
