@@ -137,22 +137,27 @@ def per_layer(layers: pd.DataFrame, labels: list[str], path: Path) -> Path:
 
 
 def lcs_weights(weights: pd.DataFrame, labels: list[str], path: Path) -> Path:
-    """LCS layer weights per epoch (mean over seeds), one panel per label, one line per layer."""
+    """LCS layer weights per epoch (mean over seeds), one panel per label, one line per layer coloured
+    by depth (a colour bar names the layers)."""
     present = [lab for lab in labels if lab in set(weights["label"])]
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
     for ax, label in zip(axes.flat, present):
         sub = weights[weights["label"] == label]
-        n_layers = int(sub["layer"].max()) + 1
-        sns.lineplot(data=sub, x="epoch", y="weight", hue="layer", palette="viridis", errorbar=None,
-                     ax=ax, legend=n_layers <= 12)  # fmt: skip
+        mean = sub.groupby(["layer", "epoch"])["weight"].mean().reset_index()
+        n_layers = int(mean["layer"].max()) + 1
+        for layer, line in mean.groupby("layer"):
+            colour = cmap(layer / max(1, n_layers - 1))
+            ax.plot(line["epoch"], line["weight"], color=colour, marker="." if len(line) < 30 else None)
+        norm = matplotlib.colors.Normalize(vmin=0, vmax=max(1, n_layers - 1))
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
         ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
         ax.set_ylabel("LCS weight")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        if ax.get_legend() is not None:
-            ax.legend(fontsize=6, title="layer", title_fontsize=6, ncol=2)
     for ax in list(axes.flat)[len(present) :]:
         ax.set_visible(False)
     return _save(fig, path)

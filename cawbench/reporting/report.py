@@ -417,8 +417,9 @@ class _Builder:
 
     def _parallel(self, study: Any, varying: list[str], trials: list) -> None:
         self.heading("Parallel coordinates")
-        if not varying or len(trials) < 2:
-            self.omit("parallel", "Parallel-coordinate plot", "no parameter varied over complete trials")
+        if not [p for p in varying if p != "variant"] or len(trials) < 2:
+            self.omit("parallel", "Parallel-coordinate plot",
+                      "no searched parameter (besides the variant) varied over complete trials")  # fmt: skip
             return
         try:
             path = figures.parallel_coordinate(study, varying, self.fig_path("parallel_coordinate"))
@@ -529,7 +530,7 @@ class _Builder:
             self.report.tables[name] = agg
             self.parts.append(
                 f"**{dataset}**: final-epoch test accuracy of each layer's own class scores, mean ± sd over "
-                f"seeds. _CSV: [tables/{_slug(name)}.csv](tables/{_slug(name)}.csv)_\n"
+                "seeds (backprop is one unit: its single point is its head). _CSV: [tables/{_slug(name)}.csv](tables/{_slug(name)}.csv)_\n"
             )
             self.figure(name, figures.per_layer(frame, self.labels, self.fig_path(name)), name)
             made = True
