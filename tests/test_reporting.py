@@ -299,3 +299,25 @@ def test_best_configuration_is_chosen_on_validation_over_full_seed_sets():
     chosen = best_configs(rows, ["label"], "final_val_acc", "maximize")
     assert set(chosen["config"]) == {"b"} and len(chosen) == 2
     assert set(best_configs(rows, ["label"], "final_val_acc", "minimize")["config"]) == {"a"}
+
+
+def test_paper_rows_match_method_dataset_and_chx3():
+    from cawbench.reporting.paper import matching_runs
+
+    rows = pd.DataFrame(
+        [
+            # label, method, dataset, width, depth_label
+            ("caw_conv", "caw_conv", "cifar100", 1.0, "default"),
+            ("caw_conv", "caw_conv", "cifar100", 1.0, "1"),
+            ("caw_conv", "caw_conv", "cifar100", 3.0, "default"),
+            ("caw_conv", "caw_conv", "cifar10", 1.0, "default"),
+            ("deeperforward", "deeperforward", "cifar100", 1.0, "default"),
+        ],
+        columns=["label", "method", "dataset", "width", "depth_label"],
+    )  # fmt: skip
+    base = pd.Series({"method": "CAW-Conv", "dataset": "CIFAR-100", "variant": "base"})
+    chx3 = pd.Series({"method": "CAW-Conv", "dataset": "CIFAR-100", "variant": "CHx3"})
+    assert matching_runs(rows, base, None).index.tolist() == [0]  # the paper's width and default depth
+    assert matching_runs(rows, chx3, None).index.tolist() == [2]
+    other = pd.Series({"method": "CwComp", "dataset": "CIFAR-100", "variant": "base"})
+    assert matching_runs(rows, other, None).empty

@@ -63,9 +63,9 @@ def _is_chx3(row: pd.Series) -> bool:
 
 
 def matching_runs(rows: pd.DataFrame, paper_row: pd.Series, reference: str | None) -> pd.DataFrame:
-    """Our runs for one paper row: same method and dataset, CHx3 or not; then, where any exist, the
-    runs of the study variant named for that row, else of the reference/method-named variant, else those
-    at the paper's width (1, or 3 for CHx3) and default depth."""
+    """Our runs for one paper row: same method and dataset, CHx3 or not; then, each step only where it
+    leaves some runs: the study variant named for that row, the reference/method-named variant, the
+    paper's width (1, or 3 for CHx3) at the default depth."""
     method = _text(paper_row.get("method_key")) or PAPER_METHODS.get(_norm(paper_row["method"]))
     dataset = _norm(_text(paper_row.get("dataset_key")) or paper_row["dataset"])
     if method is None or rows.empty:
@@ -76,14 +76,15 @@ def matching_runs(rows: pd.DataFrame, paper_row: pd.Series, reference: str | Non
     want_chx3 = _norm(paper_row.get("variant")) == "chx3"
     sel = sel[sel.apply(_is_chx3, axis=1) == want_chx3]
     width = 3.0 if want_chx3 else 1.0
-    cascade = [
-        sel["label"] == _text(paper_row.get("study_variant")),
-        sel["label"].isin({reference, method, "base", "full"} - {None}),
-        (sel["width"].astype(float) == width) & sel["depth_label"].isin(["default", "2"]),
+    narrowing = [
+        lambda s: s["label"] == _text(paper_row.get("study_variant")),
+        lambda s: s["label"].isin({reference, method, "base", "full"} - {None}),
+        lambda s: (pd.to_numeric(s["width"]) == width) & s["depth_label"].isin(["default", "2"]),
     ]
-    for mask in cascade:
+    for keep in narrowing:  # each step narrows the choice where it can, never to nothing
+        mask = keep(sel)
         if mask.any():
-            return sel[mask]
+            sel = sel[mask]
     return sel
 
 
