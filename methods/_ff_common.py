@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cawbench.archs import LayerSpec, build_plan
-from cawbench.config import ConfigError
+from cawbench.config import ConfigError, RunConfig
+from cawbench.data import DataInfo
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput
 from cawbench.seeding import derive_seed
 
@@ -231,7 +232,7 @@ class FFFamilyMethod(Method):
         "optim.name": "adam",
     }
 
-    def __init__(self, cfg: Any, info: Any) -> None:
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         self.net: LocalNetwork | None = None
         self._codes: torch.Tensor | None = None

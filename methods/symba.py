@@ -38,7 +38,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from cawbench.config import ConfigError
+from cawbench.config import ConfigError, RunConfig
+from cawbench.data import DataInfo
 from cawbench.method import register_method
 from cawbench.methods._ff_common import FFFamilyConfig, FFFamilyMethod, random_class_patterns, symba_loss
 
@@ -88,7 +89,7 @@ class SymBa(FFFamilyMethod):
     recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper": SYMBA_PAPER}
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.hidden": (32, 32), "train.batch_size": 64}
 
-    def __init__(self, cfg: Any, info: Any) -> None:
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         p, k = cfg.params, info.num_classes
         if p.icp != "onehot" and p.icp_size < k:
             raise ConfigError(f"params.icp_size={p.icp_size} must be >= the {k} classes for icp={p.icp!r}")
