@@ -6,7 +6,11 @@ Schema (top-level keys; anything else is an error naming the key)::
     description: ...
     base: {method: caw_conv, data.name: fashion-mnist, recipe: paper}   # config keys of every trial
     scales:                            # required; --scale picks one; config overrides, plus optionally
-      cpu: {model.width: 0.2, train.epochs: 2, n_trials: 8, seeds: [0]}  # n_trials / seeds for that scale
+      cpu:                             # n_trials / seeds for that scale, and per-variant overrides
+        model.width: 0.2
+        train.epochs: 2
+        seeds: [0]
+        variants: {cwcomp: {model.width: 0.5}}   # applied after the variant's own overrides
       paper: {}
     default_scale: cpu                 # optional (default: cpu if present, else the first scale)
     variants:                          # optional: named config overrides, a categorical axis "variant"
@@ -24,7 +28,8 @@ Schema (top-level keys; anything else is an error naming the key)::
     n_trials: null                     # configurations to draw (tpe/random/qmc); grid: the whole grid
 
 A trial's config is resolved as: method defaults -> recipe -> ``base`` -> the scale's overrides -> the
-variant's overrides -> the sampled search-space values -> ``train.seed`` (set by the runner).
+variant's overrides -> the scale's overrides for that variant -> the sampled search-space values ->
+``train.seed`` (set by the runner). The recipe is looked up with the final ``method``/``data.name``.
 
 **Seeds and trials.** One Optuna trial trains one configuration with one seed. A *configuration* is a
 variant plus a point of the search space; it gets a ``config_id`` and each of its seeds a
@@ -64,7 +69,7 @@ TOP_LEVEL_KEYS = (
     "name", "description", "base", "scales", "default_scale", "variants", "search_space", "reference",
     "seeds", "objective", "sampler", "pruner", "n_trials",
 )  # fmt: skip
-SCALE_STUDY_KEYS = ("n_trials", "seeds")  # a scale may override these study keys; the rest is config
+SCALE_STUDY_KEYS = ("n_trials", "seeds", "variants")  # study keys a scale may override; the rest is config
 RUNNER_OWNED_KEYS = ("train.seed", "out_dir", "run_name")  # set per trial by the runner
 OBJECTIVE_METRICS = ("final_val_acc", "best_val_acc")  # validation accuracy (%); selection never sees test
 SAMPLERS = ("grid", "tpe", "random", "qmc")
@@ -266,6 +271,7 @@ class StudySpec:
         scale = self.check_scale(scale)
         blob = {
             "base": self.base, "scale": self.scales[scale], "variants": self.variants,
+            "scale_variants": self.scale_study[scale].get("variants", {}),
             "search_space": [d.__dict__ for d in self.search_space], "seeds": self.seeds_for(scale),
             "objective": [self.objective_metric, self.direction], "sampler": self.sampler,
             "pruner": self.pruner,
@@ -278,7 +284,8 @@ class StudySpec:
         """The user layers of a trial's config, in precedence order (later wins)."""
         label = {"variant": variant} if variant is not None else {}
         overrides = self.variants.get(variant, {}) if variant is not None else {}
-        return [self.base, label, self.scales[scale], overrides, sampled]
+        at_scale = self.scale_study[scale].get("variants", {}).get(variant, {}) if variant is not None else {}
+        return [self.base, label, self.scales[scale], overrides, at_scale, sampled]
 
     def resolve(self, scale: str, variant: str | None, sampled: dict[str, Any], seed: int, **extra: Any):
         """The trial's RunConfig (raises ConfigError naming the scale/variant when it does not resolve)."""
@@ -296,13 +303,21 @@ class StudySpec:
         sampled = {k: v for k, v in params.items() if k != "variant"}
         return (params["variant"] if self.variants else None), sampled
 
+    def method_of(self, scale: str, variant: str | None, sampled: dict[str, Any]) -> str:
+        merged: dict[str, Any] = {}
+        for layer in self.config_layers(scale, variant, sampled):
+            merged.update(layer)
+        return str(merged.get("method", "backprop"))
+
     def methods_used(self) -> dict[str, list[str]]:
         """method name -> where it is named (base, variant X, search_space)."""
         out: dict[str, list[str]] = {}
-        base_method = self.base.get("method", "backprop")
-        for name, overrides in (self.variants or {None: {}}).items():
-            method = overrides.get("method", base_method)
-            out.setdefault(str(method), []).append("base" if name is None else f"variant {name!r}")
+        for scale in self.scales:
+            for name in self.variant_names or [None]:
+                where = "base" if name is None else f"variant {name!r}"
+                places = out.setdefault(self.method_of(scale, name, {}), [])
+                if where not in places:
+                    places.append(where)
         for dim in self.search_space:
             if dim.key == "method":
                 for choice in dim.choices:
@@ -442,6 +457,13 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
             study_part["seeds"] = _seed_list(study_part["seeds"], f"scales.{scale}.seeds")
         if "n_trials" in study_part:
             study_part["n_trials"] = _n_trials(study_part["n_trials"], f"scales.{scale}.n_trials")
+        if "variants" in study_part:
+            raw_sv = study_part["variants"]
+            if not isinstance(raw_sv, dict):
+                raise ConfigError(f"scales.{scale}.variants must map variant names to config overrides")
+            study_part["variants"] = {
+                str(v): _config_mapping(o, f"scales.{scale}.variants.{v}") for v, o in raw_sv.items()
+            }
         scales[scale] = _config_mapping(overrides, f"scales.{scale}")
         scale_study[scale] = study_part
     default_scale = data.get("default_scale") or ("cpu" if "cpu" in scales else next(iter(scales)))
@@ -457,6 +479,14 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
             if not isinstance(vname, str) or not NAME_PATTERN.match(vname):
                 raise ConfigError(f"variant name {vname!r} must be a word of letters, digits, _ . + -")
             variants[vname] = _config_mapping(overrides, f"variants.{vname}")
+
+    for scale, part in scale_study.items():
+        unknown = [v for v in part.get("variants", {}) if v not in variants]
+        if unknown:
+            valid = ", ".join(variants) or "(the spec has no variants)"
+            raise ConfigError(
+                f"scales.{scale}.variants names unknown variant {unknown[0]!r}; variants: {valid}"
+            )
 
     dims: list[Dimension] = []
     if "search_space" in data:
@@ -608,14 +638,10 @@ def check_configs(
                 f"study {spec.name!r}: unknown method {method!r} (in {', '.join(places)}); "
                 f"registered methods: {', '.join(sorted(registered))}"
             )
-    base_method = spec.base.get("method", "backprop")
     for scale in scales or list(spec.scales):
         for variant in spec.variant_names or [None]:
-            method = spec.variants.get(variant, {}).get("method", base_method) if variant else base_method
-            if method in missing:
-                continue
             for sampled in _corner_points(spec.search_space):
-                if sampled.get("method", method) in missing:
+                if spec.method_of(scale, variant, sampled) in missing:
                     continue
                 spec.resolve(scale, variant, sampled, spec.seeds_for(scale)[0])
     return sorted(missing)
