@@ -156,7 +156,7 @@ def prepare(opts: RunOptions) -> StudyContext:
         ctx = StudyContext(opts, spec, scale, study_name, handle, study, tracker)
         if tracker is not None:
             ctx.parent_run_id = _parent_run(ctx, tracking_uri)
-        reconcile(ctx)
+        reconcile(ctx, retry_failed=opts.retry_failed)  # final failures: re-queued once per run
     return ctx
 
 
@@ -256,8 +256,9 @@ def expected_items(ctx: StudyContext, trials: list[FrozenTrial]) -> list[PlanIte
     return items
 
 
-def reconcile(ctx: StudyContext) -> int:
-    """Enqueue every expected (configuration, seed) that has no live trial; call under the study lock."""
+def reconcile(ctx: StudyContext, retry_failed: bool = False) -> int:
+    """Enqueue every expected (configuration, seed) that has no live trial; call under the study lock.
+    ``retry_failed`` also re-queues final failures (divergence, errors)."""
     trials = ctx.study.get_trials(deepcopy=False)
     by_key: dict[str, list[FrozenTrial]] = defaultdict(list)
     for t in trials:
@@ -266,7 +267,7 @@ def reconcile(ctx: StudyContext) -> int:
             by_key[key].append(t)
     added = 0
     for item in expected_items(ctx, trials):
-        if needs_enqueue(by_key.get(item.plan_key, []), ctx.opts.retry_failed):
+        if needs_enqueue(by_key.get(item.plan_key, []), retry_failed):
             ctx.study.enqueue_trial(item.params, user_attrs=_item_attrs(item), skip_if_exists=False)
             by_key[item.plan_key].append(_placeholder())
             added += 1
@@ -677,8 +678,7 @@ def _run_subprocess_workers(ctx: StudyContext) -> None:
                "--heartbeat", str(opts.heartbeat_interval), "--no-echo"]  # fmt: skip
         if opts.n_trials is not None:
             cmd += ["--n-trials", str(opts.n_trials)]
-        if opts.retry_failed:
-            cmd.append("--retry-failed")
+        # (--retry-failed is not passed on: the launcher's own prepare() already re-queued those trials.)
         if opts.device:
             cmd += ["--device", opts.device]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))

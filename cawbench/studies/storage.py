@@ -174,6 +174,7 @@ def open_storage(
     retry = retry_callback()
     scheme = url.split("://", 1)[0].split("+", 1)[0] if url and "://" in url else ""
     if scheme in RDB_SCHEMES:
+        url = _with_available_driver(url)
         try:
             storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
@@ -197,6 +198,19 @@ def open_storage(
     )
     storage = HeartbeatJournalStorage(path, heartbeat_interval, grace_period, retry)
     return StorageHandle(storage, "journal", str(path), Path(str(path) + ".cawbench-lock"))
+
+
+def _with_available_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; use psycopg2 when only that is installed."""
+    import importlib.util
+
+    head, rest = url.split("://", 1)
+    if head == "postgres":  # Heroku-style alias that SQLAlchemy no longer accepts
+        head = "postgresql"
+    if head == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            head = "postgresql+psycopg2"
+    return f"{head}://{rest}"
 
 
 def retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
