@@ -86,10 +86,8 @@ def run_opts(path: Path, out_dir: Path, tracking: str, **kw: Any) -> RunOptions:
 def test_grid_study_completes_and_joins_optuna_mlflow_and_results(tmp_path, tracking_uri):
     from mlflow import MlflowClient
 
-    spec = digits_spec(
-        "grid6", epochs=2, variants={"small_lr": {"optim.lr": 0.003}, "mid_lr": {}, "wide": {"model.hidden": [64]}},
-        reference="mid_lr",
-    )  # fmt: skip
+    variants = {"small_lr": {"optim.lr": 0.003}, "mid_lr": {}, "wide": {"model.hidden": [64]}}
+    spec = digits_spec("grid6", epochs=2, variants=variants, reference="mid_lr")
     path, out = write_spec(tmp_path, spec), tmp_path / "runs"
     summary = run_study(run_opts(path, out, tracking_uri))
 
@@ -282,7 +280,8 @@ def test_two_workers_share_one_journal_file(tmp_path, tracking_uri):
 def _start_postgres() -> tuple[str, callable]:
     """A throwaway PostgreSQL cluster on loopback, as a non-root user; returns (DSN, stop)."""
     bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    initdb = shutil.which("initdb") or next((str(b / "initdb") for b in bindirs if (b / "initdb").exists()), None)
+    found = [str(b / "initdb") for b in bindirs if (b / "initdb").exists()]
+    initdb = shutil.which("initdb") or (found[0] if found else None)
     if initdb is None:
         pytest.skip("no PostgreSQL server binaries (initdb) found; apt-get install postgresql")
     pg_ctl = str(Path(initdb).with_name("pg_ctl"))
@@ -373,9 +372,9 @@ def test_shipped_spec_loads_and_validates(name):
 
 
 def test_quasi_random_plan_is_seeded_in_bounds_and_extends_its_prefix():
+    space = {"optim.lr": lr_dim(1e-4, 1.0, log=True), "model.depth": {"type": "int", "low": 1, "high": 3}}
     spec = parse_spec(digits_spec("q", seeds=[0, 1], n_trials=8, sampler={"name": "qmc", "seed": 5},
-                                  search_space={"optim.lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
-                                                "model.depth": {"type": "int", "low": 1, "high": 3}}))  # fmt: skip
+                                  search_space=space))  # fmt: skip
     plan = spec.plan("cpu")
     assert len(plan) == 16 and {i.seed for i in plan} == {0, 1}
     lrs = sorted({i.params["optim.lr"] for i in plan})
@@ -386,26 +385,30 @@ def test_quasi_random_plan_is_seeded_in_bounds_and_extends_its_prefix():
     assert spec.plan("cpu", n_trials=16)[:16] == plan  # growing the budget keeps the points run so far
 
 
+def lr_dim(low: float, high: float, **extra: Any) -> dict[str, Any]:
+    return {"type": "float", "low": low, "high": high, **extra}
+
+
+def lr_space(**dim: Any) -> dict[str, Any]:
+    return {"search_space": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, **dim}}}
+
+
+TPE = {"sampler": {"name": "tpe", "seed": 0}, "n_trials": 3}
 BAD_SPECS = [
     ({"colour": "red"}, "unknown key 'colour'"),
     ({"search_space": {}}, "search_space` is empty"),
-    ({"search_space": {"optim.lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}},
-     "log scale needs a positive lower bound, got low=0.0"),
-    ({"search_space": {"optim.lr": {"type": "float", "low": 1.0, "high": 0.1}}}, "low (1.0) must be below high"),
-    ({"search_space": {"optim.lr": {"type": "float", "low": 0.1, "high": 1.0, "scale": "log"}}},
-     "unknown key 'scale' in search_space.optim.lr"),
-    ({"search_space": {"optim.lr": {"type": "normal", "low": 0.1, "high": 1.0}}}, "type='normal' is not valid"),
+    (lr_space(low=0.0, log=True), "log scale needs a positive lower bound, got low=0.0"),
+    (lr_space(low=1.0), "low (1.0) must be below high"),
+    (lr_space(scale="log"), "unknown key 'scale' in search_space.optim.lr"),
+    (lr_space(type="normal"), "type='normal' is not valid"),
     ({"variants": {"x": {"method": "no_such_method"}}}, "unknown method 'no_such_method' (in variant 'x')"),
     ({"variants": {"x": {"optim.lrr": 0.1}}}, "unknown config key 'optim.lrr'"),
     ({"objective": {"metric": "final_test_acc"}}, "reads the test split"),
     ({"base": {**DIGITS_BASE, "train.seed": 3}}, "base.train.seed cannot be set"),
     ({"variants": {"a": {}}, "reference": "b"}, "reference 'b' is not a variant"),
-    ({"sampler": {"name": "tpe", "seed": 0}, "n_trials": 3,
-      "search_space": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}}, "pruner": {"name": "median", "patience": 2}},
-     "unknown key 'patience' in pruner (median)"),
-    ({"search_space": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}}}, "a grid needs finite values"),
-    ({"sampler": {"name": "tpe"}, "search_space": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}}},
-     "needs n_trials"),
+    ({**TPE, **lr_space(), "pruner": {"name": "median", "patience": 2}}, "'patience' in pruner (median)"),
+    (lr_space(), "a grid needs finite values"),
+    ({**TPE, "n_trials": None, **lr_space()}, "needs n_trials"),
     ({"seeds": [0, 0]}, "contain duplicates"),
     ({"scales": {"cpu": {"variants": {"nope": {}}}}}, "unknown variant 'nope'"),
 ]  # fmt: skip

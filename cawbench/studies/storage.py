@@ -176,10 +176,12 @@ def open_storage(
     if scheme in RDB_SCHEMES:
         url = _with_available_driver(url)
         try:
-            storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                heartbeat_stale_trial_callback=retry, engine_kwargs=_engine_kwargs(scheme),
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                storage = optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                    heartbeat_stale_trial_callback=retry, engine_kwargs=_engine_kwargs(scheme),
+                )  # fmt: skip
         except Exception as exc:  # driver missing, server down, bad credentials
             raise ConfigError(f"cannot open Optuna storage {mask_password(url)}: {exc}") from None
         lock = None
@@ -207,9 +209,9 @@ def _with_available_driver(url: str) -> str:
     head, rest = url.split("://", 1)
     if head == "postgres":  # Heroku-style alias that SQLAlchemy no longer accepts
         head = "postgresql"
-    if head == "postgresql" and importlib.util.find_spec("psycopg") is None:
-        if importlib.util.find_spec("psycopg2") is not None:
-            head = "postgresql+psycopg2"
+    find = importlib.util.find_spec
+    if head == "postgresql" and find("psycopg") is None and find("psycopg2") is not None:
+        head = "postgresql+psycopg2"
     return f"{head}://{rest}"
 
 
