@@ -31,7 +31,8 @@ from cawbench.studies.spec import check_configs, load_spec, parse_spec, shipped_
 from cawbench.studies.storage import open_storage
 
 SEVEN_METHODS = {"backprop", "caw_conv", "deeperforward", "cwcomp", "cafo", "ff", "symba"}
-SHIPPED = ["quickstart", "paper_table", "caw_regularizers", "depth_width", "sensitivity"]
+REQUIRED_SPECS = {"quickstart", "paper_table", "caw_regularizers", "depth_width", "sensitivity"}
+SHIPPED = sorted(REQUIRED_SPECS | {p.stem for p in shipped_specs_dir().glob("*.yaml")})  # + caw_ablation
 DIGITS_BASE = {
     "method": "backprop", "data.name": "digits", "model.arch": "mlp", "model.hidden": [32],
     "optim.lr": 0.01, "train.batch_size": 64, "train.device": "cpu",
@@ -131,6 +132,16 @@ def test_grid_study_completes_and_joins_optuna_mlflow_and_results(tmp_path, trac
         assert row["final_val_acc"] == pytest.approx(t.value) and row["seed"] == t.user_attrs["seed"]
         assert row["variant"] == t.params["variant"]
     assert all(t.value > 50 for t in trials), "a digits MLP should be far above chance (10 %)"
+
+    # The study path changes nothing about training: the same config trained alone gives the same number
+    # (this trial reused the data prepared for an earlier one).
+    from cawbench.engine import Trainer
+
+    last = max(trials, key=lambda t: t.number)
+    cfg = load_spec(path).resolve("cpu", last.params["variant"], {}, last.user_attrs["seed"],
+                                  out_dir=str(tmp_path / "alone"), **{"train.progress": False})  # fmt: skip
+    assert cfg.config_hash() == last.user_attrs["config_hash"]
+    assert Trainer(cfg, write_result=False).run()["final_val_acc"] == pytest.approx(last.value)
 
     # Re-running a finished study runs nothing and changes nothing.
     run_study(run_opts(path, out, tracking_uri))
@@ -258,7 +269,7 @@ def _two_worker_study(tmp_path: Path, name: str, storage: str | None, tracking: 
     path, out = write_spec(tmp_path, spec), tmp_path / "runs"
     summary = run_study(run_opts(path, out, tracking, workers=2, storage_url=storage))
     logs = "".join(p.read_text() for p in (out / "studies" / f"{name}-cpu" / "workers").glob("*.log"))
-    assert summary["counts"] == {"COMPLETE": 8}, logs
+    assert summary["counts"] == {"COMPLETE": 8} and not summary["worker_errors"], logs
     trials = trials_of(out, f"{name}-cpu", storage)
     expected = sorted(f"v{i}/seed={s}" for i in range(4) for s in (0, 1))
     assert len(trials) == 8 and complete_keys(trials) == expected  # none lost, none duplicated

@@ -80,7 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
     summary = run_study(opts)
     if not args.no_echo:
         print(format_summary(summary))
-    return 0
+    return 1 if summary.get("worker_errors") else 0
 
 
 def status_command(args: argparse.Namespace) -> int:

@@ -638,11 +638,13 @@ def run_study(opts: RunOptions) -> dict[str, Any]:
 
         torch.set_num_threads(opts.threads)
     ctx = prepare(opts)
+    worker_errors: list[tuple[int, int]] = []
     if opts.workers > 1:
-        _run_subprocess_workers(ctx)
+        worker_errors = _run_subprocess_workers(ctx)
     else:
         run_worker(ctx)
     summary = summarize(ctx.study, ctx.spec, ctx.scale, ctx.n_configs)
+    summary["worker_errors"] = worker_errors
     if ctx.tracker is not None and ctx.parent_run_id is not None:
         idle = summary["counts"].get("RUNNING", 0) == 0 and summary["counts"].get("WAITING", 0) == 0
         counts = summary["counts"]
@@ -655,7 +657,9 @@ def run_study(opts: RunOptions) -> dict[str, Any]:
     return summary
 
 
-def _run_subprocess_workers(ctx: StudyContext) -> None:
+def _run_subprocess_workers(ctx: StudyContext) -> list[tuple[int, int]]:
+    """Start ``opts.workers`` worker processes, draw their lines, and return (worker, exit code) of those
+    that failed."""
     opts = ctx.opts
     if opts.spec.path is None:
         raise ConfigError("--workers > 1 needs a spec file (workers read it themselves)")
@@ -702,6 +706,7 @@ def _run_subprocess_workers(ctx: StudyContext) -> None:
     if failed:
         logs = ", ".join(str(folder / f"w{i}.log") for i, _ in failed)
         print(f"cawbench: warning: worker(s) {failed} exited with an error; see {logs}", file=sys.stderr)
+    return failed
 
 
 def _gpu_count() -> int:
