@@ -187,12 +187,16 @@ def test_adaptive_study_runs_surviving_configurations_on_every_seed(tmp_path):
     assert len(configs) == 4
     for group in configs.values():
         first = next(t for t in group if t.user_attrs["seed_index"] == 0)
-        if first.state == TrialState.COMPLETE:
-            assert sorted(t.user_attrs["seed"] for t in group) == [0, 1]
+        if first.state == TrialState.COMPLETE:  # survived: every seed ran to the end, same parameters
+            assert sorted((t.user_attrs["seed"], t.state.name) for t in group) == [
+                (0, "COMPLETE"),
+                (1, "COMPLETE"),
+            ]
             assert all(t.params == first.params for t in group)
         else:  # pruned on its first seed: no more seeds spent on it
             assert first.state == TrialState.PRUNED and len(group) == 1
-    assert any(t.state == TrialState.COMPLETE for t in trials)
+    states = {t.user_attrs["config_id"]: t.state for t in trials if t.user_attrs["seed_index"] == 0}
+    assert TrialState.COMPLETE in states.values() and TrialState.PRUNED in states.values()
 
 
 # ------------------------------------------------------------------------------------------ resume, parallel
@@ -422,6 +426,7 @@ BAD_SPECS = [
     ({**TPE, "n_trials": None, **lr_space()}, "needs n_trials"),
     ({"seeds": [0, 0]}, "contain duplicates"),
     ({"scales": {"cpu": {"variants": {"nope": {}}}}}, "unknown variant 'nope'"),
+    ({"variants": {"a": {}}, "pruner": {"name": "median"}}, "pruning would leave holes"),
 ]  # fmt: skip
 
 

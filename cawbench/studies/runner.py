@@ -434,6 +434,7 @@ class EpochReporter:
         self.main, self.progress, self.epochs = main_readout, progress, epochs
         self.trainer = None
         self.reported: set[int] = set()
+        self.prunable = trial.user_attrs.get("seed_index", 0) == 0
 
     def __call__(self, record: dict[str, Any]) -> None:
         # A run resumed from a checkpoint has earlier epochs in its history: report those first.
@@ -442,7 +443,9 @@ class EpochReporter:
             if earlier["epoch"] < record["epoch"] and earlier["epoch"] not in self.reported:
                 self._report(earlier)
         self._report(record)
-        if self.trial.should_prune():
+        # Only a configuration's first seed can be pruned: once it survived, its other seeds run to the
+        # end, so that every surviving configuration has the full seed set.
+        if self.prunable and self.trial.should_prune():
             value = record["val_acc"].get(self.main)
             raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (val {value:.2f})")
 

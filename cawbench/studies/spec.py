@@ -42,8 +42,9 @@ variant plus a point of the search space; it gets a ``config_id`` and each of it
   waiting trial with fixed parameters.
 - ``tpe`` and ``random`` studies are *adaptive*: the sampler proposes a configuration, which runs with the
   first seed; once that trial completes (not pruned, not failed), the same parameters are enqueued for the
-  remaining seeds. A pruned configuration therefore costs one seed, and every configuration that survives
-  runs on the full seed set. ``n_trials`` counts configurations, not trials.
+  remaining seeds, which are never pruned. A pruned configuration therefore costs one seed, and every
+  configuration that survives runs on the full seed set. ``n_trials`` counts configurations, not trials.
+  Pruning is only allowed here: a planned study must cover its whole plan.
 
 Enqueueing is idempotent (keyed by ``plan_key``) and runs under a storage-wide lock, so re-running a spec,
 or starting several workers at once, never duplicates a trial; see :mod:`cawbench.studies.runner`.
@@ -547,6 +548,12 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
     if pname not in PRUNERS:
         raise ConfigError(f"pruner.name={pname!r} is not valid; choose one of {', '.join(PRUNERS)}")
     make_pruner(pruner)  # validates the options against the pruner's signature
+    if sname in PLANNED_SAMPLERS and pname != "none":
+        raise ConfigError(
+            f"pruner {pname!r} cannot be used with the {sname} sampler: a planned study runs every "
+            "configuration on every seed, and pruning would leave holes; use pruner: {name: none}, or "
+            "sampler tpe/random (there only a configuration's first seed can be pruned)"
+        )
 
     n_trials = _n_trials(data.get("n_trials"), "n_trials")
     spec = StudySpec(
