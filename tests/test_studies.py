@@ -171,11 +171,13 @@ def test_diverging_configuration_fails_with_reason_and_the_study_goes_on(tmp_pat
     assert states == ["FAIL", "FAIL"]
 
 
-def test_adaptive_study_runs_surviving_configurations_on_every_seed(tmp_path):
+def test_adaptive_study_prunes_first_seeds_and_runs_survivors_on_every_seed(tmp_path):
     spec = digits_spec(
         "tpe", epochs=2, seeds=[0, 1], n_trials=4,
-        search_space={"optim.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}},
-        sampler={"name": "tpe", "seed": 3, "n_startup_trials": 2},
+        search_space={"optim.lr": {"type": "float", "low": 1e-5, "high": 0.1, "log": True}},
+        # Random draws (seed 1: lr 4.7e-4, 7.6e-3, 1.0e-5, 1.6e-4) do not depend on the values seen, so
+        # which configurations are pruned does not hinge on this machine's floating point.
+        sampler={"name": "random", "seed": 1},
         pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
     )  # fmt: skip
     path, out = write_spec(tmp_path, spec), tmp_path / "runs"
