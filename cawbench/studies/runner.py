@@ -297,23 +297,23 @@ def pop_waiting(ctx: StudyContext) -> optuna.Trial | None:
 
 
 def configs_drawn(trials: list[FrozenTrial]) -> int:
-    return len({t.user_attrs["config_id"] for t in trials if "config_id" in t.user_attrs})
+    """Configurations the sampler has produced: named ones, plus trials that have no name yet (just
+    asked for) or never got one (failed while suggesting), so a broken sampler cannot loop forever."""
+    named = {t.user_attrs["config_id"] for t in trials if "config_id" in t.user_attrs}
+    unnamed = sum(1 for t in trials if "config_id" not in t.user_attrs and t.state != TrialState.WAITING)
+    return len(named) + unnamed
 
 
 def next_trial(ctx: StudyContext) -> optuna.Trial | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(ctx.study)  # re-queues through RetryFailedTrialCallback
+        optuna.storages.fail_stale_trials(ctx.study)  # re-queued by the storage's retry callback
     trial = pop_waiting(ctx)
     if trial is not None:
         return trial
-    if not ctx.spec.planned:
-        trials = ctx.study.get_trials(deepcopy=False)
-        # A trial just asked for has no config_id yet: count running ones without it as drawn too.
-        fresh = sum(1 for t in trials if t.state == TrialState.RUNNING and "config_id" not in t.user_attrs)
-        if configs_drawn(trials) + fresh < (ctx.n_configs or 0):
-            trial_id = ctx.study._storage.create_new_trial(ctx.study._study_id)
-            return optuna.Trial(ctx.study, trial_id)
+    if not ctx.spec.planned and configs_drawn(ctx.study.get_trials(deepcopy=False)) < (ctx.n_configs or 0):
+        trial_id = ctx.study._storage.create_new_trial(ctx.study._study_id)
+        return optuna.Trial(ctx.study, trial_id)
     with study_lock(ctx.handle, ctx.study_name):
         reconcile(ctx)  # an interrupted trial of another worker, or seeds of a finished configuration
     return pop_waiting(ctx)
