@@ -116,7 +116,8 @@ def _from_study(name: str, out_dir: Path, storage: str | None, spec: Any, scale:
     if storage is None and not journal.is_file():
         what = f"study spec or study {name!r}" if spec is None else f"study {name!r}"
         raise ConfigError(
-            f"no Optuna storage at {journal} for {what}; run `cawbench study run SPEC --out-dir {out_dir}` "
+            f"no Optuna storage at {journal} for {what}; run `cawbench study run "
+            f"{getattr(spec, 'path', None) or 'SPEC'} --out-dir {out_dir}` "
             "first, or pass --out-dir/--storage where the study lives, or a results folder"
         )
     handle = _open_storage(storage, out_dir)
