@@ -5,11 +5,15 @@ residual add/concat ops as the local methods), followed by global average poolin
 It is one local unit holding the whole network, so it runs through the same engine, data pipeline,
 evaluation and measurement as the forward-only methods: its "per-layer" score is the head's logits.
 Recipe convention (spec baselines.md §5): Adam 1e-3, the twin method's batch size, epochs and data.
+``params.norm=rms`` (or ``l2``) replaces the per-layer BN by FF's length normalisation of each layer's
+input (no centring): the ``paper-ff`` and ``paper-symba`` recipes are the BP twins of FF's and SymBa's
+``paper`` recipes (same MLP, normalisation, data split, batch size and epochs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +22,22 @@ from torch import nn
 from cawbench.archs import ArchPlan, LayerSpec, Wiring, build_plan
 from cawbench.config import ConfigError
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
+from cawbench.methods._ff_common import length_normalise
+from cawbench.methods.ff import FF_PAPER
+from cawbench.methods.symba import SYMBA_PAPER
+
+NORMS = ("batch", "none", "rms", "l2")
 
 
 @dataclass(frozen=True)
 class BackpropConfig:
-    norm: str = "batch"  # batch | none: normalisation after each conv/linear layer
+    norm: str = "batch"  # batch | none: after each layer | rms | l2: length of each layer's input (FF)
     label_smoothing: float = 0.0
     dropout: float = 0.0  # before the head
 
     def __post_init__(self) -> None:
-        if self.norm not in ("batch", "none"):
-            raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: batch, none")
+        if self.norm not in NORMS:
+            raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: {', '.join(NORMS)}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("params.label_smoothing and params.dropout must be in [0, 1)")
 
@@ -47,10 +56,11 @@ class PlanLayer(nn.Module):
     def __init__(self, spec: LayerSpec, norm: str) -> None:
         super().__init__()
         self.spec = spec
+        self.input_norm = norm if norm in ("rms", "l2") else None
         if spec.kind == "conv":
             self.op = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
-                groups=spec.groups, bias=norm == "none",
+                groups=spec.groups, bias=norm != "batch",
             )  # fmt: skip
             self.norm = nn.BatchNorm2d(spec.out_channels) if norm == "batch" else nn.Identity()
         else:
@@ -61,6 +71,9 @@ class PlanLayer(nn.Module):
         if self.spec.kind == "linear":
             x = x.flatten(1)
         x = _pool(self.spec.pool_before, x)
+        if self.input_norm is not None:  # FF's length normalisation of the layer input, per sample
+            eps = 1e-8 if self.input_norm == "rms" else 1e-4
+            x = length_normalise(x.flatten(1), self.input_norm, eps).view_as(x)
         x = F.relu(self.norm(self.op(x)))
         return _pool(self.spec.pool_after, x)
 
@@ -90,6 +103,16 @@ class EndToEndUnit(LocalUnit):
         return {"ce": F.cross_entropy(out.scores, target, label_smoothing=self.label_smoothing)}
 
 
+def mlp_twin(recipe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The BP twin of an FF-family recipe: its MLP, data split, batch size and epochs; FF's length
+    normalisation (RMS) before every layer; Adam 1e-3 (spec baselines.md §5)."""
+    kept = ("model.", "data.", "train.")
+    return {
+        ds: {**{k: v for k, v in over.items() if k.startswith(kept)}, "params.norm": "rms"}
+        for ds, over in recipe.items()
+    }
+
+
 @register_method("backprop")
 class Backprop(Method):
     description = "end-to-end backprop reference on the same architecture (+ GAP and a linear CE head)"
@@ -112,7 +135,9 @@ class Backprop(Method):
                 ("cifar100", None, 5_000),
                 ("tiny-imagenet", None, 0.1),
             )
-        }  # fmt: skip
+        },  # fmt: skip
+        "paper-ff": mlp_twin(FF_PAPER),
+        "paper-symba": mlp_twin(SYMBA_PAPER),
     }
 
     def build(self) -> LocalNetwork:
