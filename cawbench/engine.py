@@ -216,77 +216,213 @@ class BatchStep:
 
 @dataclasses.dataclass
 class _PipeItem:
-    """A batch waiting in front of a unit: its input, the running shortcut, labels, and a ready event."""
+    """A batch waiting in front of a unit: its input (in front of unit 0: the raw batch ``x``), the running
+    shortcut, labels, the batch index, and an event recorded on the producing stream (CUDA only)."""
 
-    h: torch.Tensor
+    h: torch.Tensor | None
     shortcut: torch.Tensor | None
     y: torch.Tensor
-    ctx: StepContext
-    ready: Any = None  # torch.cuda.Event recorded on the producing stream (CUDA only)
+    batch: int
+    ready: Any = None
+    x: torch.Tensor | None = None
 
 
-def run_pipeline(
-    step: BatchStep,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    make_ctx: Callable[[int], StepContext],
-    weights: dict[str, float],
-    active: list[bool],
-    stats: StepStats,
-) -> None:
+@dataclasses.dataclass
+class _TickBuffers:
+    """Static tensors of one captured pipeline tick: the raw batch for unit 0, and per slot l >= 1 the input,
+    shortcut and labels waiting in front of unit l."""
+
+    x: torch.Tensor
+    y0: torch.Tensor
+    h: list[torch.Tensor | None]
+    shortcut: list[torch.Tensor | None]
+    y: list[torch.Tensor | None]
+
+
+class PipelineRunner:
     """Layer-parallel training: unit l works on batch b while unit l+1 works on batch b-1.
 
     The schedule is a wavefront: at every tick each unit takes the batch waiting in front of it, so unit l
     sees the batches in order and unit l+1 consumes unit l's output computed before unit l's update for
     the same batch -- exactly the sequential mode's maths, reordered. On CUDA every unit has its own stream
-    (events order producer and consumer, so kernels of different units overlap on the device); elsewhere
-    the same schedule runs in this thread. Random draws (dropout) come in another order than in the
-    sequential mode, so only stochastic units differ between the two modes.
+    (events order producer and consumer, so kernels of different units may overlap on the device);
+    elsewhere the same schedule runs in this thread. Random draws (dropout) come in another order than in
+    the sequential mode, so only stochastic units differ between the two modes.
+
+    With a capture ``backend`` (``train.cuda_graph``), the steady state -- every unit busy with a full-size
+    batch -- runs as captured ticks: two graphs, because ticks alternate between two sets of static buffers
+    (each unit writes its output where its successor reads it one tick later, never where anyone reads in
+    the same tick), each launching every unit's whole step on its own stream at once. Filling and draining
+    the pipeline, and the smaller last batch, run eagerly. Graphs are captured afresh every epoch, after
+    every unit has run eagerly in it (so running sums exist and per-epoch state is current).
     """
-    n = len(step.units)
-    cuda = step.device.type == "cuda"
-    streams = [torch.cuda.Stream(step.device) for _ in range(n)] if cuda else [None] * n
-    if cuda:
-        main = torch.cuda.current_stream(step.device)
-        for s in streams:
-            s.wait_stream(main)  # the data, stats and previous evaluation come first
-    slots: list[_PipeItem | None] = [None] * n
-    more, b = True, 0
-    while True:
-        for i in reversed(range(n)):  # downstream first: a unit's output waits one tick for its consumer
+
+    def __init__(self, step: BatchStep, batch_size: int, backend: Any = None, warmup: int = 2) -> None:
+        self.step, self.batch_size, self.backend, self.warmup = step, batch_size, backend, warmup
+        self.n = len(step.units)
+        self.cuda = step.device.type == "cuda"
+        self.streams = [torch.cuda.Stream(step.device) for _ in range(self.n)] if self.cuda else None
+        self.ticks_ever = 0
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _stream(self, i: int) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.streams[i]) if self.cuda else contextlib.nullcontext()
+
+    def _event(self, stream: Any = None) -> Any:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _full(self, item: _PipeItem | None) -> bool:
+        return item is not None and item.y.shape[0] == self.batch_size
+
+    # -- one eager tick ----------------------------------------------------------------------------------
+    def _eager_tick(self, slots: list[_PipeItem | None], make_ctx, weights, active, stats) -> None:
+        for i in reversed(range(self.n)):  # downstream first: an output waits one tick for its consumer
             item = slots[i]
             if item is None:
                 continue
             slots[i] = None
-            with torch.cuda.stream(streams[i]) if cuda else contextlib.nullcontext():
-                if cuda:
-                    streams[i].wait_event(item.ready)
-                    for t in (item.h, item.shortcut, item.y):
+            with self._stream(i):
+                if self.cuda:
+                    self.streams[i].wait_event(item.ready)
+                    for t in (item.h, item.shortcut, item.y, item.x):
                         if t is not None:
-                            t.record_stream(streams[i])  # tensors made on another stream, freed here
-                h, shortcut = step.unit(i, item.h, item.shortcut, item.y, item.ctx, weights, active, stats)
-                if i + 1 < n:
-                    ready = torch.cuda.Event() if cuda else None
-                    if cuda:
-                        ready.record(streams[i])
-                    slots[i + 1] = _PipeItem(h, shortcut, item.y, item.ctx, ready)
-        if more:
+                            t.record_stream(self.streams[i])  # made on another stream, freed here
+                h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
+                h, shortcut = self.step.unit(
+                    i, h, shortcut, item.y, make_ctx(item.batch), weights, active, stats
+                )
+                if i + 1 < self.n:
+                    ready = self._event(self.streams[i] if self.cuda else None)
+                    slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
+
+    # -- captured ticks ----------------------------------------------------------------------------------
+    def _allocate(self, slots: list[_PipeItem]) -> list[_TickBuffers]:
+        def like(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty_like(t)
+
+        return [
+            _TickBuffers(
+                like(slots[0].x),
+                like(slots[0].y),
+                [None] + [like(s.h) for s in slots[1:]],
+                [None] + [like(s.shortcut) for s in slots[1:]],
+                [None] + [like(s.y) for s in slots[1:]],
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+
+    def _load(self, buf: _TickBuffers, slots: list[_PipeItem]) -> None:
+        if self.cuda:
+            main = torch.cuda.current_stream(self.step.device)
+            for item in slots:
+                main.wait_event(item.ready)
+        buf.x.copy_(slots[0].x)
+        buf.y0.copy_(slots[0].y)
+        for i in range(1, self.n):
+            buf.h[i].copy_(slots[i].h)
+            buf.y[i].copy_(slots[i].y)
+            if buf.shortcut[i] is not None:
+                buf.shortcut[i].copy_(slots[i].shortcut)
+
+    def _tick(self, src: _TickBuffers, dst: _TickBuffers, ctxs: list[StepContext], weights, active, stats):
+        origin = torch.cuda.current_stream(self.step.device) if self.cuda else None
+        for i in reversed(range(self.n)):
+            if self.cuda:
+                self.streams[i].wait_stream(origin)
+            with self._stream(i):
+                if i == 0:
+                    h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
+                else:
+                    h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
+                h, shortcut = self.step.unit(i, h, shortcut, y, ctxs[i], weights, active, stats)
+                if i + 1 < self.n:
+                    dst.h[i + 1].copy_(h)
+                    dst.y[i + 1].copy_(y)
+                    if dst.shortcut[i + 1] is not None:
+                        dst.shortcut[i + 1].copy_(shortcut)
+        if self.cuda:
+            for s in self.streams:
+                origin.wait_stream(s)
+
+    # -- the epoch -----------------------------------------------------------------------------------------
+    def run_epoch(self, batches, make_ctx, weights, active, stats) -> None:
+        n = self.n
+        main = torch.cuda.current_stream(self.step.device) if self.cuda else None
+        if self.cuda:
+            for s in self.streams:
+                s.wait_stream(main)  # the data, stats and previous evaluation come first
+        it = iter(batches)
+        fed = 0
+
+        def feed() -> _PipeItem | None:
+            nonlocal fed
             try:
-                x, y = next(batches)
+                x, y = next(it)
             except StopIteration:
-                more = False
-            else:
-                h = step.start(x, y)
-                ready = torch.cuda.Event() if cuda else None
-                if cuda:
-                    ready.record(main)
-                slots[0] = _PipeItem(h, None, y, make_ctx(b), ready)
-                stats.steps += 1
-                b += 1
-        if not more and all(item is None for item in slots):
-            break
-    if cuda:
-        for s in streams:
-            main.wait_stream(s)
+                return None
+            stats.steps += 1
+            fed += 1
+            return _PipeItem(None, None, y, fed - 1, self._event(main), x=x)
+
+        slots: list[_PipeItem | None] = [feed()] + [None] * (n - 1)
+        replays: dict[int, Callable[[], None]] = {}
+        buffers: list[_TickBuffers] | None = None
+        ticks = 0
+        while any(item is not None for item in slots):
+            ready = (
+                self.backend is not None
+                and ticks >= n
+                and self.ticks_ever >= n + self.warmup
+                and all(self._full(item) for item in slots)
+            )
+            if not ready:
+                self._eager_tick(slots, make_ctx, weights, active, stats)
+                slots[0] = feed()
+            else:  # steady state: captured ticks until the batches run out or a smaller one comes
+                buffers = buffers or self._allocate(slots)
+                self._load(buffers[0], slots)
+                index = [item.batch for item in slots]
+                parity = 0
+                while True:
+                    if parity not in replays:
+                        ctxs = [make_ctx(b) for b in index]
+                        for state in self.step.units:
+                            if state.optimizer is not None:
+                                state.optimizer.zero_grad(set_to_none=True)
+                        tick = functools.partial(
+                            self._tick, buffers[parity], buffers[1 - parity], ctxs, weights, active, stats
+                        )
+                        replays[parity] = self.backend.capture(tick)
+                    replays[parity]()
+                    ticks += 1
+                    self.ticks_ever += 1
+                    parity = 1 - parity
+                    index = [-1, *index[:-1]]
+                    nxt = feed()
+                    if self._full(nxt):
+                        index[0] = nxt.batch
+                        if self.cuda:
+                            main.wait_event(nxt.ready)
+                        buffers[parity].x.copy_(nxt.x)
+                        buffers[parity].y0.copy_(nxt.y)
+                        continue
+                    # leave the steady state: hand the in-flight batches back to the eager schedule
+                    event = self._event(main)
+                    buf = buffers[parity]
+                    slots = [nxt] + [
+                        _PipeItem(buf.h[i], buf.shortcut[i], buf.y[i], index[i], event) for i in range(1, n)
+                    ]
+                    break
+                continue
+            ticks += 1
+            self.ticks_ever += 1
+        if self.cuda:
+            for s in self.streams:
+                main.wait_stream(s)
 
 
 def balanced_groups(costs: list[float], parts: int) -> list[list[int]]:
@@ -490,7 +626,13 @@ class Trainer:
         self.step = BatchStep(
             self.method, self.net, self.units, self.device, self.bf16, autocast_cache=not self.cuda_graph
         )
-        self.graphed = GraphedSteps(self.step, cfg.train.batch_size) if self.cuda_graph else None
+        self.graphed = None
+        self.pipeline = None
+        if cfg.train.parallel == "pipeline":
+            backend = CudaGraphBackend(self.device) if self.cuda_graph else None
+            self.pipeline = PipelineRunner(self.step, cfg.train.batch_size, backend)
+        elif self.cuda_graph:
+            self.graphed = GraphedSteps(self.step, cfg.train.batch_size)
         self.pipeline_groups = None
         if cfg.train.parallel == "pipeline" and self.device.type == "cpu" and cfg.train.pipeline_threads > 1:
             self.pipeline_groups = balanced_groups(self._unit_costs(), cfg.train.pipeline_threads)
@@ -562,7 +704,7 @@ class Trainer:
         if cfg.train.parallel == "pipeline" and self.pipeline_groups is not None:
             run_thread_pipeline(self.step, batches, make_ctx, weights, active, stats, self.pipeline_groups)
         elif cfg.train.parallel == "pipeline":
-            run_pipeline(self.step, batches, make_ctx, weights, active, stats)
+            self.pipeline.run_epoch(batches, make_ctx, weights, active, stats)
         elif self.graphed is not None:
             self.graphed.run_epoch(batches, make_ctx, weights, active, stats)
         else:
@@ -838,10 +980,6 @@ def _check_cuda_graph(cfg: RunConfig, device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         raise ConfigError(f"train.cuda_graph=true needs a CUDA device, not {device}; set it to false")
-    if cfg.train.parallel != "off":
-        raise ConfigError(
-            f"train.cuda_graph=true works with train.parallel=off only, not {cfg.train.parallel!r}"
-        )
     return True
 
 
