@@ -231,7 +231,9 @@ class ChannelwiseUnit(LocalUnit):
         scores = pooled @ assignment.to(pooled.dtype)
         if self.score_scale != 1.0:
             scores = scores * self.score_scale
-        return UnitOutput(passed=self._normalise(y.detach()), scores=scores, extras={"assignment": assignment})
+        return UnitOutput(
+            passed=self._normalise(y.detach()), scores=scores, extras={"assignment": assignment}
+        )
 
     def _normalise(self, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "group":
@@ -240,7 +242,9 @@ class ChannelwiseUnit(LocalUnit):
             return F.instance_norm(y, eps=NORM_EPS)
         return y
 
-    def local_losses(self, out: UnitOutput, target: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+    def local_losses(
+        self, out: UnitOutput, target: torch.Tensor, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
         terms = {"ce": F.cross_entropy(out.scores.float(), target, label_smoothing=self.cfg.label_smoothing)}
         if self.learnable:  # a fixed one-hot A has constant (zero) regularisers: nothing to log or learn
             assignment = out.extras["assignment"].float()
@@ -306,12 +310,17 @@ def widths_that_fit(model: ModelConfig, info: DataInfo, limit: int = 8) -> list[
     return found
 
 
-def check_plan(plan: ArchPlan, model: ModelConfig, info: DataInfo) -> None:
+def check_plan(plan: ArchPlan, model: ModelConfig, info: DataInfo, norm: str = "group") -> None:
     """Fail before any work when a layer cannot be split into K class groups, saying which widths would."""
     k = info.num_classes
     for spec in plan.layers:
         if spec.kind != "conv" or spec.pool_after is not None:
             check_layer(spec, k)
+        if norm == "instance" and spec.out_size == 1:
+            raise ConfigError(
+                f"{plan.name} layer {spec.index} outputs 1x1 maps for {info.image_size}px input, and "
+                "InstanceNorm needs more than one position; raise data.image_size or use params.norm=group"
+            )
         if spec.out_channels % k:
             fits = widths_that_fit(model, info)
             hint = (
@@ -340,7 +349,7 @@ class ChannelwiseMethod(Method):
                 f"choose one of: {', '.join(CONV_ARCHS)}"
             )
         plan = build_plan(self.cfg.model, self.info)
-        check_plan(plan, self.cfg.model, self.info)
+        check_plan(plan, self.cfg.model, self.info, self.params.norm)
         units = [ChannelwiseUnit(spec, self.info.num_classes, self.params) for spec in plan.layers]
         stem = InputLayerNorm() if self.params.input_norm == "layer" else None
         return LocalNetwork(units, plan, stem)
