@@ -143,7 +143,7 @@ class CAWConv(ChannelwiseMethod):
         "optim.lr_min": 0.006,
         "optim.grad_clip": 1.0,
         "readout.name": "lcs",
-        "readout.extra": ["sip", "sum", "last"],
+        "readout.extra": ["sip", "lcs", "sum", "last"],
     }
     recipes = {
         "paper": {name: {**RESNET, **extra} for name, extra in RESNET_DATASETS.items()},

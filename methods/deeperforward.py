@@ -104,7 +104,7 @@ class DeeperForward(ChannelwiseMethod):
         "optim.scheduler": "cosine",
         "optim.lr_min": 0.008,
         "readout.name": "sip",
-        "readout.extra": ["lcs", "sum", "last"],
+        "readout.extra": ["sip", "lcs", "sum", "last"],
     }
     recipes = {
         "paper": {name: {**OPTIM, "params.dropout": 0.2, **extra} for name, extra in DATASETS.items()},
