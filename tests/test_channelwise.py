@@ -222,13 +222,15 @@ def test_learns_digits_well_above_85_percent(method, tmp_path):
 @needs_fmnist
 @pytest.mark.parametrize("method", ["caw_conv", "deeperforward"])
 def test_fashion_mnist_subset_far_above_chance_in_one_epoch(method, tmp_path):
-    """ResNet-17 at width 0.2 on 28x28 Fashion-MNIST, 4,000 training images, one epoch (chance is 10%)."""
+    """ResNet-17 at width 0.2 (planes 20..160) on 28x28 Fashion-MNIST: one epoch of 4,000 images in batches
+    of 32 with the methods' own optimiser. Chance is 10%; measured 66.5 (caw_conv, LCS) and 72.3
+    (deeperforward, SIP) test accuracy on 2,000 test images."""
     cfg = resolve_config({"method": method, "data.name": "fashion-mnist", "model.width": 0.2,
                           "data.subset": 4000, "data.val_size": 1000, "data.test_subset": 2000,
-                          "train.epochs": 1, "train.batch_size": 64, "train.device": "cpu",
+                          "train.epochs": 1, "train.batch_size": 32, "train.device": "cpu",
                           "train.progress": False, "out_dir": str(tmp_path)})  # fmt: skip
     result = Trainer(cfg).run()
-    assert result["final_test_acc"] > 55.0, result["final_test_acc_by_readout"]
+    assert result["final_test_acc"] > 50.0, result["final_test_acc_by_readout"]
 
 
 # --------------------------------------------------------------------------------- interpretability
@@ -381,7 +383,7 @@ def test_channels_not_divisible_by_k_names_layer_channels_and_working_widths(tin
 
 
 def test_instance_norm_on_1x1_maps_is_refused_with_the_fix(tiny_config):
-    with pytest.raises(ConfigError, match="layer 13 outputs 1x1 maps .*data.image_size"):
+    with pytest.raises(ConfigError, match="vgg13 layer 11 outputs 1x1 maps for 16px input.*data.image_size"):
         Trainer(tiny_config("caw_conv", model__arch="vgg13", model__width=1 / 7), write_result=False)
 
 
