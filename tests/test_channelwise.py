@@ -84,6 +84,25 @@ def test_mix_pooling_of_a_known_tensor():
     assert pooled_activity(y, DeeperForwardConfig())[0].tolist() == pytest.approx([1.5, 2.0])
 
 
+def test_mix_pooling_gradient_matches_autograd_through_max_and_min_along_a_dim():
+    torch.manual_seed(0)
+    y = torch.relu(torch.randn(3, 4, 5, 5, dtype=torch.float64))
+    y[0, 0] = 0.0  # a dead channel: every position ties for both extremes
+    y[1, 2, 0, :2] = 9.0  # a tie for the maximum
+    cfg, grad = CAWConvConfig(), torch.randn(3, 4, dtype=torch.float64)
+    mine = y.clone().requires_grad_()
+    (pooled_activity(mine, cfg) * grad).sum().backward()
+    ref = y.clone().requires_grad_()
+    flat = ref.flatten(2)
+    pooled = 0.94 * flat.mean(-1) + 0.06 * flat.max(-1).values - 0.05 * flat.min(-1).values
+    (pooled * grad).sum().backward()
+    torch.testing.assert_close(pooled_activity(y, cfg), pooled.detach())
+    torch.testing.assert_close(mine.grad, ref.grad)
+    assert torch.autograd.gradcheck(
+        lambda t: pooled_activity(t, cfg), torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    )
+
+
 def test_deeperforward_score_is_the_mean_over_group_channels_and_space():
     torch.manual_seed(0)
     x = torch.rand(3, 4, 5, 5)  # non-negative: passes the identity conv and ReLU unchanged
@@ -190,6 +209,7 @@ def test_no_gradient_crosses_units(tiny_config):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.units[1].parameters())
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_each_training_step_changes_only_its_own_unit(tiny_config):
     """A full engine epoch where only unit 1 may learn leaves unit 0's parameters untouched."""
     cfg = tiny_config("caw_conv", data__subset=64, train__batch_size=32)
