@@ -25,44 +25,58 @@ class BackpropConfig:
     norm: str = "batch"  # batch | none: normalisation after each conv/linear layer
     label_smoothing: float = 0.0
     dropout: float = 0.0  # before the head
+    # What the linear head sees: "gap" (global average pool) or "flatten" (the whole last feature map,
+    # as CaFo's and CwComp's own heads and CwComp's Backprop.py nets do).
+    head_input: str = "gap"
 
     def __post_init__(self) -> None:
         if self.norm not in ("batch", "none"):
             raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: batch, none")
+        if self.head_input not in ("gap", "flatten"):
+            raise ConfigError(
+                f"params.head_input={self.head_input!r} is not valid; choose one of: gap, flatten"
+            )
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("params.label_smoothing and params.dropout must be in [0, 1)")
 
 
-def _pool(kind: str | None, x: torch.Tensor) -> torch.Tensor:
+def _pool(kind: str | None, x: torch.Tensor, ceil: bool = True) -> torch.Tensor:
     if kind == "avg":
-        return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+        return F.avg_pool2d(x, 2, 2, ceil_mode=ceil)
     if kind == "max":
-        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+        return F.max_pool2d(x, 2, 2, ceil_mode=ceil)
     return x
 
 
 class PlanLayer(nn.Module):
-    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool]."""
+    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool], or, for rows with
+    ``norm_position="post_pool"`` (CaFo, CwComp), [pool] -> conv (with bias) -> ReLU -> [pool] -> norm."""
 
     def __init__(self, spec: LayerSpec, norm: str) -> None:
         super().__init__()
         self.spec = spec
+        self.post_pool_norm = spec.norm_position == "post_pool"
+        bias = norm == "none" or self.post_pool_norm  # a bias before the ReLU is not cancelled by the norm
         if spec.kind == "conv":
             self.op = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
-                groups=spec.groups, bias=norm == "none",
+                groups=spec.groups, bias=bias,
             )  # fmt: skip
-            self.norm = nn.BatchNorm2d(spec.out_channels) if norm == "batch" else nn.Identity()
+            batch_norm: type[nn.Module] = nn.BatchNorm2d
         else:
             self.op = nn.Linear(spec.in_channels, spec.out_channels)
-            self.norm = nn.BatchNorm1d(spec.out_channels) if norm == "batch" else nn.Identity()
+            batch_norm = nn.BatchNorm1d
+        self.norm = batch_norm(spec.out_channels, eps=spec.norm_eps) if norm == "batch" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.kind == "linear":
+        spec = self.spec
+        if spec.kind == "linear":
             x = x.flatten(1)
-        x = _pool(self.spec.pool_before, x)
+        x = _pool(spec.pool_before, x, spec.pool_ceil)
+        if self.post_pool_norm:
+            return self.norm(_pool(spec.pool_after, F.relu(self.op(x)), spec.pool_ceil))
         x = F.relu(self.norm(self.op(x)))
-        return _pool(self.spec.pool_after, x)
+        return _pool(spec.pool_after, x, spec.pool_ceil)
 
 
 class EndToEndUnit(LocalUnit):
@@ -73,14 +87,19 @@ class EndToEndUnit(LocalUnit):
         self.layers = nn.ModuleList(PlanLayer(s, cfg.norm) for s in plan.layers)
         self.wiring = Wiring(plan)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(plan.layers[-1].passed_channels, num_classes)
+        last = plan.layers[-1]
+        self.flatten_head = cfg.head_input == "flatten"
+        spatial = last.out_size**2 if self.flatten_head and last.kind == "conv" else 1
+        self.head = nn.Linear(last.passed_channels * spatial, num_classes)
         self.label_smoothing = cfg.label_smoothing
 
     def forward(self, x: torch.Tensor) -> UnitOutput:
         shortcut = None
         for i, layer in enumerate(self.layers):
             x, shortcut = self.wiring.apply(i, layer(x), shortcut)
-        features = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        features = x
+        if x.dim() == 4:
+            features = x.flatten(1) if self.flatten_head else x.mean(dim=(2, 3))
         logits = self.head(self.dropout(features))
         return UnitOutput(passed=logits, scores=logits)
 
