@@ -109,6 +109,41 @@ class EndToEndUnit(LocalUnit):
         return {"ce": F.cross_entropy(out.scores, target, label_smoothing=self.label_smoothing)}
 
 
+def _twin(arch: str, epochs: int, normalization: str, val_size: int | None = None) -> dict[str, object]:
+    """The BP twin of a forward-only recipe: the same stack, data, batch and epochs, a flattened CE head."""
+    recipe: dict[str, object] = {
+        "model.arch": arch,
+        "params.head_input": "flatten",
+        "train.epochs": epochs,
+        "train.batch_size": 128,
+        "data.normalization": normalization,
+        "data.augment": "none",
+    }
+    if val_size is not None:
+        recipe["data.val_size"] = val_size
+    return recipe
+
+
+# CaFo's 3-block CNN (spec §5: [3rd/Spyra] trains it end to end with one linear head); data as CaFo's
+# recipes, 20 epochs like its minibatch recipe.
+_CAFO_TWINS = {
+    ds: _twin("cafo_cnn", 20, norm, val)
+    for ds, norm, val in (
+        ("mnist", "dataset", 10_000),
+        ("fashion-mnist", "dataset", 10_000),
+        ("cifar10", "half", 5_000),
+        ("cifar100", "half", 5_000),
+    )
+}
+# CwComp's CFSE CNN with CwComp's epochs (20 / 50 / 50 / 100) and normalisations (spec §4(d), §8).
+_CWCOMP_TWINS = {
+    "mnist": _twin("cwcomp_cnn", 20, "dataset"),
+    "fashion-mnist": _twin("cwcomp_cnn", 50, "half"),
+    "cifar10": _twin("cwcomp_cnn", 50, "imagenet"),
+    "cifar100": _twin("cwcomp_cnn100", 100, "imagenet"),
+}
+
+
 @register_method("backprop")
 class Backprop(Method):
     description = "end-to-end backprop reference on the same architecture (+ GAP and a linear CE head)"
@@ -131,7 +166,9 @@ class Backprop(Method):
                 ("cifar100", None, 5_000),
                 ("tiny-imagenet", None, 0.1),
             )
-        }  # fmt: skip
+        },  # fmt: skip
+        "paper-cafo": _CAFO_TWINS,
+        "paper-cwcomp": _CWCOMP_TWINS,
     }
 
     def build(self) -> LocalNetwork:

@@ -24,6 +24,13 @@ Maths, architecture and recipes follow ``spec/baselines.md`` §4 and §8 (read f
   bias on the detached, flattened last-layer output, trained by SGD lr 0.01 from the table's head start
   epoch; readout ``last``, recorded through ``readout.extra``).
 
+Observed (not a switch): BatchNorm in eval mode can break a layer whose running statistics lag behind its
+weights. A channel that has become (nearly) constant has batch variance ~0, so eval mode divides the lag
+of its running mean by sqrt(1e-4) and that class group's goodness dominates. Short runs in which every
+layer trains up to the last epoch sometimes collapse this way at evaluation (measured on digits and a
+Fashion-MNIST subset); the ILT windows, which stop the early layers well before the end while they keep
+updating their statistics, avoid it in every run we made.
+
 Switches and deviations (each named):
 * ``params.sf_double_softmax`` (default true, as the code): the Sf head's cross-entropy is applied to
   softmax outputs, i.e. a double softmax, which shrinks its gradients; false uses plain CE on the logits.
