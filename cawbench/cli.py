@@ -38,17 +38,30 @@ TRAIN_FLAGS = {  # flag -> config key
 }
 
 
+TRAIN_DESCRIPTION = """\
+Train one method on one dataset and print its result row.
+
+The configuration is resolved in this order (later wins):
+  built-in defaults -> the method's defaults -> the recipe for the dataset (--recipe paper)
+  -> --config YAML -> the flags below -> KEY=VALUE overrides of any config key,
+  e.g.  optim.lr=0.01  params.lambda_entropy=0.1  data.image_size=32
+The resolved config is saved beside the result in OUT_DIR/runs/<run-name>/config.yaml and the
+result row is appended to OUT_DIR/results.jsonl. Accuracies are in %; "final" is the last epoch
+with the readout fitted on the validation split (test labels are never used for any choice).
+
+examples:
+  cawbench train --method backprop --dataset fashion-mnist --width 0.25 --epochs 1 --subset 10000
+  cawbench train --method caw_conv --dataset cifar10 --recipe paper --device cuda
+  cawbench train -c my.yaml optim.lr=0.02 --resume --run-name my-run
+"""
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train one configuration and print its result row",
-        description=(
-            "Train one method on one dataset. The configuration is resolved as: built-in defaults -> the "
-            "method's defaults -> the recipe for the dataset (--recipe paper) -> --config YAML -> the flags "
-            "below -> KEY=VALUE overrides (any config key, e.g. optim.lr=0.01 params.lambda_entropy=0.1). "
-            "The resolved config is saved beside the result in OUT_DIR/runs/<run-name>/."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", "-m", help="method name (see `cawbench list`); default backprop")
     p.add_argument("--dataset", "-d", help="dataset name; default fashion-mnist")

@@ -5,11 +5,18 @@ residual add/concat ops as the local methods), followed by global average poolin
 It is one local unit holding the whole network, so it runs through the same engine, data pipeline,
 evaluation and measurement as the forward-only methods: its "per-layer" score is the head's logits.
 Recipe convention (spec baselines.md §5): Adam 1e-3, the twin method's batch size, epochs and data.
+``params.norm=rms`` (or ``l2``) replaces the per-layer BN by FF's length normalisation of each layer's
+input (no centring): the ``paper-ff`` and ``paper-symba`` recipes are the BP twins of FF's and SymBa's
+``paper`` recipes (same MLP, normalisation, data split, batch size and epochs). ``paper-cafo`` and
+``paper-cwcomp`` are the twins of CaFo's and CwComp's recipes: the same ``cafo_cnn`` / ``cwcomp_cnn(100)``
+stack (conv -> ReLU -> pool -> BN, grouped convs), data and epochs, with ``params.head_input=flatten``
+(a linear head on the flattened last feature map instead of global average pooling).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +25,16 @@ from torch import nn
 from cawbench.archs import ArchPlan, LayerSpec, Wiring, build_plan
 from cawbench.config import ConfigError
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
+from cawbench.methods._ff_common import length_normalise
+from cawbench.methods.ff import FF_PAPER
+from cawbench.methods.symba import SYMBA_PAPER
+
+NORMS = ("batch", "none", "rms", "l2")
 
 
 @dataclass(frozen=True)
 class BackpropConfig:
-    norm: str = "batch"  # batch | none: normalisation after each conv/linear layer
+    norm: str = "batch"  # batch | none: after each layer | rms | l2: length of each layer's input (FF)
     label_smoothing: float = 0.0
     dropout: float = 0.0  # before the head
     # What the linear head sees: "gap" (global average pool) or "flatten" (the whole last feature map,
@@ -30,8 +42,8 @@ class BackpropConfig:
     head_input: str = "gap"
 
     def __post_init__(self) -> None:
-        if self.norm not in ("batch", "none"):
-            raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: batch, none")
+        if self.norm not in NORMS:
+            raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: {', '.join(NORMS)}")
         if self.head_input not in ("gap", "flatten"):
             raise ConfigError(
                 f"params.head_input={self.head_input!r} is not valid; choose one of: gap, flatten"
@@ -55,8 +67,10 @@ class PlanLayer(nn.Module):
     def __init__(self, spec: LayerSpec, norm: str) -> None:
         super().__init__()
         self.spec = spec
+        self.input_norm = norm if norm in ("rms", "l2") else None
         self.post_pool_norm = spec.norm_position == "post_pool"
-        bias = norm == "none" or self.post_pool_norm  # a bias before the ReLU is not cancelled by the norm
+        # a bias before the ReLU is not cancelled by a norm placed after the pool
+        bias = norm != "batch" or self.post_pool_norm
         if spec.kind == "conv":
             self.op = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
@@ -73,6 +87,9 @@ class PlanLayer(nn.Module):
         if spec.kind == "linear":
             x = x.flatten(1)
         x = _pool(spec.pool_before, x, spec.pool_ceil)
+        if self.input_norm is not None:  # FF's length normalisation of the layer input, per sample
+            eps = 1e-8 if self.input_norm == "rms" else 1e-4
+            x = length_normalise(x.flatten(1), self.input_norm, eps).view_as(x)
         if self.post_pool_norm:
             return self.norm(_pool(spec.pool_after, F.relu(self.op(x)), spec.pool_ceil))
         x = F.relu(self.norm(self.op(x)))
@@ -144,6 +161,16 @@ _CWCOMP_TWINS = {
 }
 
 
+def mlp_twin(recipe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The BP twin of an FF-family recipe: its MLP, data split, batch size and epochs; FF's length
+    normalisation (RMS) before every layer; Adam 1e-3 (spec baselines.md §5)."""
+    kept = ("model.", "data.", "train.")
+    return {
+        ds: {**{k: v for k, v in over.items() if k.startswith(kept)}, "params.norm": "rms"}
+        for ds, over in recipe.items()
+    }
+
+
 @register_method("backprop")
 class Backprop(Method):
     description = "end-to-end backprop reference on the same architecture (+ GAP and a linear CE head)"
@@ -169,6 +196,8 @@ class Backprop(Method):
         },  # fmt: skip
         "paper-cafo": _CAFO_TWINS,
         "paper-cwcomp": _CWCOMP_TWINS,
+        "paper-ff": mlp_twin(FF_PAPER),
+        "paper-symba": mlp_twin(SYMBA_PAPER),
     }
 
     def build(self) -> LocalNetwork:
