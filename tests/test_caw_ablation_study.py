@@ -18,10 +18,17 @@ LADDER = ["deeperforward"] + sorted(v for v in SPEC["variants"] if v.startswith(
 LABELS = {"method", "variant"}
 
 
+STUDY_KEYS = {"seeds", "n_trials", "variants"}  # study-level settings a scale may carry
+
+
+def config_keys(scale: dict) -> dict:
+    return {k: v for k, v in scale.items() if k not in STUDY_KEYS}
+
+
 def resolve(variant: str, scale: str):
     """The study runner's order: base -> variant label -> scale -> the variant's overrides."""
     return resolve_config(
-        SPEC["base"], {"variant": variant}, SPEC["scales"][scale], SPEC["variants"][variant]
+        SPEC["base"], {"variant": variant}, config_keys(SPEC["scales"][scale]), SPEC["variants"][variant]
     )
 
 
