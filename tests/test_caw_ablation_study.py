@@ -51,7 +51,7 @@ def test_every_variant_resolves_to_a_valid_config(scale):
         assert cfg.method == overrides.get("method", SPEC["base"]["method"])
         assert cfg.data.name == "fashion-mnist" and cfg.recipe == "paper"
         if scale == "cpu":
-            assert cfg.model.width == 0.2 and cfg.train.epochs == 2 and cfg.data.subset == 6000
+            assert cfg.model.width == 0.2 and cfg.train.epochs == 2 and cfg.data.subset == 2000
         else:
             assert cfg.train.epochs == 150 and cfg.data.val_size == 10_000
 
