@@ -122,6 +122,10 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile each unit
     parallel: str = "off"  # off | pipeline (layer-parallel, same maths as sequential)
+    pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
+    cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
+    fused_optimizer: bool = True  # CUDA only: fused Adam/AdamW/SGD kernels (same update rule)
+    time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
     checkpoint: bool = True
     progress: bool = True
@@ -134,6 +138,10 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline"))
+        if self.pipeline_threads < 1:
+            raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ConfigError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s!r}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,9 @@ class RunConfig:
         d["data"].pop("data_dir", None)
         d["train"].pop("progress", None)
         d["train"].pop("checkpoint", None)
+        # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
+        for key in ("cuda_graph", "fused_optimizer", "time_limit_s", "pipeline_threads"):
+            d["train"].pop(key, None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -419,26 +419,52 @@ class BatchTransform:
         self.size = size
         self.augment = cfg.augment
         self.padding = cfg.crop_padding
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, x: torch.Tensor, train: bool, gen: torch.Generator | None = None) -> torch.Tensor:
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on ``device``, copied there once (not once per batch)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        train: bool,
+        gen: torch.Generator | None = None,
+        crop: CropDraws | None = None,
+    ) -> torch.Tensor:
+        """``crop``: this batch's pre-drawn crop/flip parameters (else drawn here from ``gen``)."""
+        mean, std = self._stats(x.device)
         x = x.float().div_(255.0)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = (x - mean) / std
         if self.size is not None and x.shape[-1] != self.size:
             # Normalise-then-resize, as the authors' (F)MNIST pipelines do (bilinear; the two commute).
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         if train and self.augment == "crop_flip":
-            x = random_crop_flip(x, self.padding, gen)
+            x = random_crop_flip(x, self.padding, gen, crop)
         return x
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, gen: torch.Generator | None) -> torch.Tensor:
+CropDraws = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # dy, dx (int64) and flip (bool), one per image
+
+
+def draw_crop_flip(n: int, padding: int, gen: torch.Generator | None) -> CropDraws:
+    """The random crop offsets and flips of ``n`` images, in the order :func:`random_crop_flip` draws them."""
+    draw_device = gen.device if gen is not None else torch.device("cpu")
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=draw_device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=draw_device)
+    flip = torch.rand(n, generator=gen, device=draw_device) < 0.5
+    return dy, dx, flip
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, gen: torch.Generator | None, draws: CropDraws | None = None
+) -> torch.Tensor:
     """RandomCrop(size, padding) + RandomHorizontalFlip, per sample, vectorised on the device."""
     n, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)
-    draw_device = gen.device if gen is not None else torch.device("cpu")
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=draw_device).to(x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=draw_device).to(x.device)
-    flip = (torch.rand(n, generator=gen, device=draw_device) < 0.5).to(x.device)
+    dy, dx, flip = (t.to(x.device) for t in (draws or draw_crop_flip(n, padding, gen)))
     rows = dy[:, None] + torch.arange(h, device=x.device)[None]  # [n, h]
     cols = dx[:, None] + torch.arange(w, device=x.device)[None]  # [n, w]
     cols = torch.where(flip[:, None], cols.flip(1), cols)
@@ -509,13 +535,32 @@ def iterate_batches(
     seed: int = 0,
     epoch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) on ``device``. Training order and augmentation depend only on (seed, epoch)."""
+    """Yield (x, y) on ``device``. Training order and augmentation depend only on (seed, epoch).
+
+    The epoch's order (and its crop/flip draws) are drawn on the CPU, as always, and moved to the data's
+    device once per epoch; evaluation batches are plain slices. So a resident dataset costs no host to
+    device transfer per batch."""
     n = len(split)
-    gen = epoch_generator(seed, epoch, "cpu") if train else None
-    order = torch.randperm(n, generator=gen) if train else torch.arange(n)
-    aug_gen = epoch_generator(seed + 1, epoch, "cpu") if train else None
+    where = split.x.device
+    order = None
+    crops: CropDraws | None = None
+    if train:
+        order = torch.randperm(n, generator=epoch_generator(seed, epoch, "cpu")).to(where)
+        if transform.augment == "crop_flip":
+            aug_gen = epoch_generator(seed + 1, epoch, "cpu")
+            per_batch = [
+                draw_crop_flip(min(batch_size, n - s), transform.padding, aug_gen)
+                for s in range(0, n, batch_size)
+            ]
+            crops = tuple(torch.cat([b[k] for b in per_batch]).to(device) for k in range(3))  # type: ignore[assignment]
     for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size].to(split.x.device)
-        x = split.x.index_select(0, idx).to(device, non_blocking=True)
-        y = split.y.index_select(0, idx).to(device, non_blocking=True)
-        yield transform(x, train, aug_gen), y
+        stop = start + batch_size
+        if order is None:
+            x, y = split.x[start:stop], split.y[start:stop]
+        else:
+            idx = order[start:stop]
+            x, y = split.x.index_select(0, idx), split.y.index_select(0, idx)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        crop = None if crops is None else (crops[0][start:stop], crops[1][start:stop], crops[2][start:stop])
+        yield transform(x, train, None, crop), y

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -68,23 +69,26 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "auto" and device.type == "cuda"
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, enabled: bool, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast when enabled; ``cache=False`` under CUDA-graph capture (cast weights must be re-made)."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 # --------------------------------------------------------------------------------- optimisers
-def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(
+    params: list[nn.Parameter], cfg: OptimConfig, *, fused: bool = False, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """The optimiser of one unit. ``fused``: one CUDA kernel per step (same update rule as the default
+    implementation, rounding aside); ``capturable``: step count kept on the device (CUDA-graph capture)."""
+    fast: dict[str, Any] = {"fused": True} if fused else {}
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        if capturable:
+            fast["capturable"] = True
+        return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, **fast)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> Any:
@@ -106,6 +110,486 @@ class UnitState:
     optimizer: torch.optim.Optimizer | None
     scheduler: Any
     clip: float | None
+
+
+class StepStats:
+    """Per-unit sums over an epoch, kept on the device and read once at its end (no host sync per step).
+
+    Sums are updated in place, so a captured CUDA graph that replays the step keeps accumulating."""
+
+    def __init__(self, n_units: int, device: torch.device) -> None:
+        self.term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
+        self.correct = torch.zeros(n_units, device=device)
+        self.seen = torch.zeros(n_units, device=device)
+        self.steps = 0
+
+    def add_terms(self, i: int, terms: dict[str, torch.Tensor]) -> None:
+        sums = self.term_sums[i]
+        for k, v in terms.items():
+            v = v.detach().float()
+            if k in sums:
+                sums[k].add_(v)
+            else:
+                sums[k] = v.clone()
+
+    def add_scores(self, i: int, scores: torch.Tensor, y: torch.Tensor) -> None:
+        labels = y[: scores.shape[0]]
+        self.correct[i].add_((scores.detach().argmax(1) == labels).sum())
+        self.seen[i].add_(labels.shape[0])
+
+
+UnitHook = Callable[[int], contextlib.AbstractContextManager]
+
+
+class BatchStep:
+    """One training mini-batch through every unit: the code path the Trainer and ``cawbench bench`` share.
+
+    Each unit runs forward on its detached input, its weighted local loss is backpropagated inside the unit
+    only, its optimiser steps, and its output (computed before the update, never recomputed) feeds the next
+    unit through the plan's wiring. Nothing here reads a value back to the host.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        net: LocalNetwork,
+        units: list[UnitState],
+        device: torch.device,
+        bf16: bool,
+        *,
+        autocast_cache: bool = True,
+    ) -> None:
+        self.method, self.net, self.units, self.device, self.bf16 = method, net, units, device, bf16
+        self.autocast_cache = autocast_cache
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.bf16, self.autocast_cache)
+
+    def start(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The first unit's input: the method's batch construction, then the network's stem."""
+        with self._autocast():
+            return self.net.stem(self.method.prepare_batch(x, y, True))
+
+    def unit(
+        self,
+        i: int,
+        h: torch.Tensor,
+        shortcut: torch.Tensor | None,
+        y: torch.Tensor,
+        ctx: StepContext,
+        weights: dict[str, float],
+        active: list[bool],
+        stats: StepStats,
+        hook: UnitHook | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Train unit ``i`` on ``h``; return the next unit's (detached) input and the running shortcut."""
+        state = self.units[i]
+        with hook(i) if hook is not None else contextlib.nullcontext(), self._autocast():
+            out = state.unit(h)
+            terms = state.unit.local_losses(out, y, ctx) if active[i] else {}
+        if terms:
+            loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if state.clip is not None:
+                torch.nn.utils.clip_grad_norm_(state.params, state.clip)
+            state.optimizer.step()
+            stats.add_terms(i, terms)
+        if out.scores is not None:
+            stats.add_scores(i, out.scores, y)
+        return self.net.advance(i, out.passed, shortcut)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ctx: StepContext,
+        weights: dict[str, float],
+        active: list[bool],
+        stats: StepStats,
+        hook: UnitHook | None = None,
+    ) -> None:
+        h, shortcut = self.start(x, y), None
+        for i in range(len(self.units)):
+            h, shortcut = self.unit(i, h, shortcut, y, ctx, weights, active, stats, hook)
+
+
+@dataclasses.dataclass
+class _PipeItem:
+    """A batch waiting in front of a unit: its input (in front of unit 0: the raw batch ``x``), the running
+    shortcut, labels, the batch index, and an event recorded on the producing stream (CUDA only)."""
+
+    h: torch.Tensor | None
+    shortcut: torch.Tensor | None
+    y: torch.Tensor
+    batch: int
+    ready: Any = None
+    x: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class _TickBuffers:
+    """Static tensors of one captured pipeline tick: the raw batch for unit 0, and per slot l >= 1 the input,
+    shortcut and labels waiting in front of unit l."""
+
+    x: torch.Tensor
+    y0: torch.Tensor
+    h: list[torch.Tensor | None]
+    shortcut: list[torch.Tensor | None]
+    y: list[torch.Tensor | None]
+
+
+class PipelineRunner:
+    """Layer-parallel training: unit l works on batch b while unit l+1 works on batch b-1.
+
+    The schedule is a wavefront: at every tick each unit takes the batch waiting in front of it, so unit l
+    sees the batches in order and unit l+1 consumes unit l's output computed before unit l's update for
+    the same batch -- exactly the sequential mode's maths, reordered. On CUDA every unit has its own stream
+    (events order producer and consumer, so kernels of different units may overlap on the device);
+    elsewhere the same schedule runs in this thread. Random draws (dropout) come in another order than in
+    the sequential mode, so only stochastic units differ between the two modes.
+
+    With a capture ``backend`` (``train.cuda_graph``), the steady state -- every unit busy with a full-size
+    batch -- runs as captured ticks: two graphs, because ticks alternate between two sets of static buffers
+    (each unit writes its output where its successor reads it one tick later, never where anyone reads in
+    the same tick), each launching every unit's whole step on its own stream at once. Filling and draining
+    the pipeline, and the smaller last batch, run eagerly. Graphs are captured afresh every epoch, after
+    every unit has run eagerly in it (so running sums exist and per-epoch state is current).
+    """
+
+    def __init__(self, step: BatchStep, batch_size: int, backend: Any = None, warmup: int = 2) -> None:
+        self.step, self.batch_size, self.backend, self.warmup = step, batch_size, backend, warmup
+        self.n = len(step.units)
+        self.cuda = step.device.type == "cuda"
+        self.streams = [torch.cuda.Stream(step.device) for _ in range(self.n)] if self.cuda else None
+        self.ticks_ever = 0
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _stream(self, i: int) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(self.streams[i]) if self.cuda else contextlib.nullcontext()
+
+    def _event(self, stream: Any = None) -> Any:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def _full(self, item: _PipeItem | None) -> bool:
+        return item is not None and item.y.shape[0] == self.batch_size
+
+    # -- one eager tick ----------------------------------------------------------------------------------
+    def _eager_tick(self, slots: list[_PipeItem | None], make_ctx, weights, active, stats) -> None:
+        for i in reversed(range(self.n)):  # downstream first: an output waits one tick for its consumer
+            item = slots[i]
+            if item is None:
+                continue
+            slots[i] = None
+            with self._stream(i):
+                if self.cuda:
+                    self.streams[i].wait_event(item.ready)
+                    for t in (item.h, item.shortcut, item.y, item.x):
+                        if t is not None:
+                            t.record_stream(self.streams[i])  # made on another stream, freed here
+                h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
+                h, shortcut = self.step.unit(
+                    i, h, shortcut, item.y, make_ctx(item.batch), weights, active, stats
+                )
+                if i + 1 < self.n:
+                    ready = self._event(self.streams[i] if self.cuda else None)
+                    slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
+
+    # -- captured ticks ----------------------------------------------------------------------------------
+    def _allocate(self, slots: list[_PipeItem]) -> list[_TickBuffers]:
+        def like(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.empty_like(t)
+
+        return [
+            _TickBuffers(
+                like(slots[0].x),
+                like(slots[0].y),
+                [None] + [like(s.h) for s in slots[1:]],
+                [None] + [like(s.shortcut) for s in slots[1:]],
+                [None] + [like(s.y) for s in slots[1:]],
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+
+    def _load(self, buf: _TickBuffers, slots: list[_PipeItem]) -> None:
+        if self.cuda:
+            main = torch.cuda.current_stream(self.step.device)
+            for item in slots:
+                main.wait_event(item.ready)
+        buf.x.copy_(slots[0].x)
+        buf.y0.copy_(slots[0].y)
+        for i in range(1, self.n):
+            buf.h[i].copy_(slots[i].h)
+            buf.y[i].copy_(slots[i].y)
+            if buf.shortcut[i] is not None:
+                buf.shortcut[i].copy_(slots[i].shortcut)
+
+    def _tick(self, src: _TickBuffers, dst: _TickBuffers, ctxs: list[StepContext], weights, active, stats):
+        origin = torch.cuda.current_stream(self.step.device) if self.cuda else None
+        for i in reversed(range(self.n)):
+            if self.cuda:
+                self.streams[i].wait_stream(origin)
+            with self._stream(i):
+                if i == 0:
+                    h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
+                else:
+                    h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
+                h, shortcut = self.step.unit(i, h, shortcut, y, ctxs[i], weights, active, stats)
+                if i + 1 < self.n:
+                    dst.h[i + 1].copy_(h)
+                    dst.y[i + 1].copy_(y)
+                    if dst.shortcut[i + 1] is not None:
+                        dst.shortcut[i + 1].copy_(shortcut)
+        if self.cuda:
+            for s in self.streams:
+                origin.wait_stream(s)
+
+    # -- the epoch -----------------------------------------------------------------------------------------
+    def run_epoch(self, batches, make_ctx, weights, active, stats) -> None:
+        n = self.n
+        main = torch.cuda.current_stream(self.step.device) if self.cuda else None
+        if self.cuda:
+            for s in self.streams:
+                s.wait_stream(main)  # the data, stats and previous evaluation come first
+        it = iter(batches)
+        fed = 0
+
+        def feed() -> _PipeItem | None:
+            nonlocal fed
+            try:
+                x, y = next(it)
+            except StopIteration:
+                return None
+            stats.steps += 1
+            fed += 1
+            return _PipeItem(None, None, y, fed - 1, self._event(main), x=x)
+
+        slots: list[_PipeItem | None] = [feed()] + [None] * (n - 1)
+        replays: dict[int, Callable[[], None]] = {}
+        buffers: list[_TickBuffers] | None = None
+        ticks = 0
+        while any(item is not None for item in slots):
+            ready = (
+                self.backend is not None
+                and ticks >= n
+                and self.ticks_ever >= n + self.warmup
+                and all(self._full(item) for item in slots)
+            )
+            if not ready:
+                self._eager_tick(slots, make_ctx, weights, active, stats)
+                slots[0] = feed()
+            else:  # steady state: captured ticks until the batches run out or a smaller one comes
+                buffers = buffers or self._allocate(slots)
+                self._load(buffers[0], slots)
+                index = [item.batch for item in slots]
+                parity = 0
+                while True:
+                    if parity not in replays:
+                        ctxs = [make_ctx(b) for b in index]
+                        for state in self.step.units:
+                            if state.optimizer is not None:
+                                state.optimizer.zero_grad(set_to_none=True)
+                        tick = functools.partial(
+                            self._tick, buffers[parity], buffers[1 - parity], ctxs, weights, active, stats
+                        )
+                        replays[parity] = self.backend.capture(tick)
+                    replays[parity]()
+                    ticks += 1
+                    self.ticks_ever += 1
+                    parity = 1 - parity
+                    index = [-1, *index[:-1]]
+                    nxt = feed()
+                    if self._full(nxt):
+                        index[0] = nxt.batch
+                        if self.cuda:
+                            main.wait_event(nxt.ready)
+                        buffers[parity].x.copy_(nxt.x)
+                        buffers[parity].y0.copy_(nxt.y)
+                        continue
+                    # leave the steady state: hand the in-flight batches back to the eager schedule
+                    event = self._event(main)
+                    buf = buffers[parity]
+                    slots = [nxt] + [
+                        _PipeItem(buf.h[i], buf.shortcut[i], buf.y[i], index[i], event) for i in range(1, n)
+                    ]
+                    break
+                continue
+            ticks += 1
+            self.ticks_ever += 1
+        if self.cuda:
+            for s in self.streams:
+                main.wait_stream(s)
+
+
+def balanced_groups(costs: list[float], parts: int) -> list[list[int]]:
+    """Split units 0..n-1 into ``parts`` contiguous groups whose largest total cost is smallest."""
+    n = len(costs)
+    parts = max(1, min(parts, n))
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
+
+    def solve(start: int, k: int) -> tuple[float, list[int]]:  # min over cut points of the max group cost
+        if k == 1:
+            return prefix[n] - prefix[start], [n]
+        if (start, k) not in best:
+            options = []
+            for cut in range(start + 1, n - k + 2):
+                rest, cuts = solve(cut, k - 1)
+                options.append((max(prefix[cut] - prefix[start], rest), [cut, *cuts]))
+            best[start, k] = min(options, key=lambda o: o[0])
+        return best[start, k]
+
+    _, cuts = solve(0, parts)
+    bounds = [0, *cuts]
+    return [list(range(bounds[g], bounds[g + 1])) for g in range(parts)]
+
+
+def run_thread_pipeline(
+    step: BatchStep,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    make_ctx: Callable[[int], StepContext],
+    weights: dict[str, float],
+    active: list[bool],
+    stats: StepStats,
+    groups: list[list[int]],
+) -> None:
+    """Layer-parallel training on the CPU: one worker thread per group of consecutive units, FIFO queues
+    between them, each worker with a single intra-op thread (no OpenMP barriers between the cores).
+
+    Every unit is driven by one worker and sees the batches in order, so the updates are the sequential
+    mode's; random draws (dropout) of different workers interleave in no fixed order, so only stochastic
+    units differ from run to run.
+    """
+    import queue
+    import threading
+
+    n_workers = len(groups)
+    queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(n_workers)]
+    errors: list[BaseException] = []
+
+    def work(w: int) -> None:
+        torch.set_num_threads(1)
+        failed = False
+        while True:
+            item = queues[w].get()
+            if item is None:
+                break
+            if failed:
+                continue  # keep draining so the worker upstream never blocks
+            try:
+                h, shortcut, y, ctx = item
+                for i in groups[w]:
+                    h, shortcut = step.unit(i, h, shortcut, y, ctx, weights, active, stats)
+                if w + 1 < n_workers:
+                    queues[w + 1].put((h, shortcut, y, ctx))
+            except BaseException as exc:  # re-raised in the calling thread
+                errors.append(exc)
+                failed = True
+        if w + 1 < n_workers:
+            queues[w + 1].put(None)
+
+    threads_before = torch.get_num_threads()
+    workers = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(n_workers)]
+    for t in workers:
+        t.start()
+    try:
+        for b, (x, y) in enumerate(batches):
+            if errors:
+                break
+            queues[0].put((step.start(x, y), None, y, make_ctx(b)))
+            stats.steps += 1
+    finally:
+        queues[0].put(None)
+        for t in workers:
+            t.join()
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+
+
+class CudaGraphBackend:
+    """Captures a step as a CUDA graph; eager steps run on a side stream, as capture requires of the steps
+    before it (cuDNN/cuBLAS set-up, lazily created optimiser state)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def eager(self, fn: Callable[[], None]) -> None:
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fn()
+        main.wait_stream(side)
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+
+class ReplayBackend:
+    """CPU stand-in for :class:`CudaGraphBackend`: "replaying" calls the captured step again with the same
+    frozen arguments. Checks the graph runner's data flow (static inputs, which batches replay) anywhere."""
+
+    def eager(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn
+
+
+class GraphedSteps:
+    """Replays one captured CUDA graph of the whole training step (every unit, its backward and its
+    optimiser step) for the full-size batches of an epoch: one launch per step instead of hundreds.
+
+    Captured afresh every epoch, after one eager step, so per-epoch state (learning rates, loss weights,
+    temperatures, training windows) is current and every running sum exists before capture; the batch index
+    ``ctx.step`` is frozen at capture, so units whose maths depends on it within an epoch must not use this
+    mode. The last, smaller batch runs eagerly. Needs capturable optimisers (the Trainer makes them) and no
+    host synchronisation or host-to-device copy inside any unit.
+    """
+
+    def __init__(self, step: BatchStep, batch_size: int, warmup: int = 3, backend: Any = None) -> None:
+        self.step, self.batch_size, self.warmup = step, batch_size, warmup
+        self.backend = backend if backend is not None else CudaGraphBackend(step.device)
+        self.warmed = False
+
+    def run_epoch(
+        self,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        make_ctx: Callable[[int], StepContext],
+        weights: dict[str, float],
+        active: list[bool],
+        stats: StepStats,
+    ) -> None:
+        replay, static_x, static_y = None, None, None
+        eager_first = 1 if self.warmed else self.warmup
+        for b, (x, y) in enumerate(batches):
+            full = x.shape[0] == self.batch_size
+            if replay is None and full and b >= eager_first:
+                static_x, static_y = x.clone(), y.clone()
+                for state in self.step.units:
+                    if state.optimizer is not None:  # gradients will live in the graph's memory pool
+                        state.optimizer.zero_grad(set_to_none=True)
+                step = functools.partial(self.step, static_x, static_y, make_ctx(b), weights, active, stats)
+                replay = self.backend.capture(step)
+                self.warmed = True
+            if replay is not None and full:
+                static_x.copy_(x)
+                static_y.copy_(y)
+                replay()
+            else:
+                self.backend.eager(functools.partial(self.step, x, y, make_ctx(b), weights, active, stats))
+            stats.steps += 1
 
 
 # --------------------------------------------------------------------------------- the trainer
@@ -135,7 +619,23 @@ class Trainer:
         if cfg.train.compile:
             for unit in self.net.units:
                 unit.compile()
+        if self.device.type == "cuda" and not cfg.train.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        self.cuda_graph = _check_cuda_graph(cfg, self.device)
         self.units = [self._unit_state(u) for u in self.net.units]
+        self.step = BatchStep(
+            self.method, self.net, self.units, self.device, self.bf16, autocast_cache=not self.cuda_graph
+        )
+        self.graphed = None
+        self.pipeline = None
+        if cfg.train.parallel == "pipeline":
+            backend = CudaGraphBackend(self.device) if self.cuda_graph else None
+            self.pipeline = PipelineRunner(self.step, cfg.train.batch_size, backend)
+        elif self.cuda_graph:
+            self.graphed = GraphedSteps(self.step, cfg.train.batch_size)
+        self.pipeline_groups = None
+        if cfg.train.parallel == "pipeline" and self.device.type == "cpu" and cfg.train.pipeline_threads > 1:
+            self.pipeline_groups = balanced_groups(self._unit_costs(), cfg.train.pipeline_threads)
         self.scoring = [i for i, u in enumerate(self.net.units) if getattr(u, "emits_scores", True)]
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
@@ -144,15 +644,34 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.truncated = False
 
     def _unit_state(self, unit: nn.Module) -> UnitState:
         params = [p for p in unit.parameters() if p.requires_grad]
         ocfg = self.cfg.optim
         if getattr(unit, "optim_overrides", None):
             ocfg = dataclasses.replace(ocfg, **unit.optim_overrides)
-        opt = make_optimizer(params, ocfg) if params else None
+        fused = self.cfg.train.fused_optimizer and self.device.type in _fused_devices()
+        opt = make_optimizer(params, ocfg, fused=fused, capturable=self.cuda_graph) if params else None
         sched = make_scheduler(opt, ocfg, self.cfg.train.epochs) if opt is not None else None
         return UnitState(unit, params, opt, sched, ocfg.grad_clip)
+
+    def _unit_costs(self) -> list[float]:
+        """Forward FLOPs of each unit on a 2-image batch (to balance pipeline workers)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(2, *self.data.info.input_shape, device=self.device)
+        y = torch.zeros(2, dtype=torch.long, device=self.device)
+        costs = []
+        with torch.no_grad():
+            h, shortcut = self.net.stem(self.method.prepare_batch(x, y, True)), None
+            for i, unit in enumerate(self.net.units):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    out = unit(h)
+                costs.append(float(counter.get_total_flops()) + 1.0)
+                h, shortcut = self.net.advance(i, out.passed, shortcut)
+        return costs
 
     # ----------------------------------------------------------------------------- training
     def _batches(self, split: str, epoch: int, train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -172,40 +691,26 @@ class Trainer:
             u.on_epoch_start(epoch)
         weights = self.method.loss_weights(epoch)
         active = [u.optimizer is not None and u.unit.trainable_at(epoch) for u in self.units]
-        n_units = len(self.units)
-        term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
-        correct = torch.zeros(n_units, device=self.device)
-        seen = torch.zeros(n_units, device=self.device)
-        steps = 0
+        stats = StepStats(len(self.units), self.device)
         n_batches = math.ceil(len(self.data.train) / cfg.train.batch_size)
         bar = _progress(n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.progress)
+        batches = _counted(self._batches("train", epoch, train=True), bar)
+        epochs = cfg.train.epochs
+
+        def make_ctx(step: int) -> StepContext:
+            return StepContext(epoch, epochs, step)
+
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self._batches("train", epoch, train=True)):
-            ctx = StepContext(epoch, cfg.train.epochs, step)
-            with autocast(self.device, self.bf16):
-                h = net.stem(self.method.prepare_batch(x, y, True))
-            shortcut = None
-            for i, state in enumerate(self.units):
-                with autocast(self.device, self.bf16):
-                    out = state.unit(h)
-                    terms = state.unit.local_losses(out, y, ctx) if active[i] else {}
-                if terms:
-                    loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
-                    state.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if state.clip is not None:
-                        torch.nn.utils.clip_grad_norm_(state.params, state.clip)
-                    state.optimizer.step()
-                    for k, v in terms.items():
-                        acc = term_sums[i].get(k)
-                        term_sums[i][k] = v.detach().float() if acc is None else acc + v.detach().float()
-                if out.scores is not None:
-                    labels = y[: out.scores.shape[0]]
-                    correct[i] += (out.scores.detach().argmax(1) == labels).sum()
-                    seen[i] += labels.shape[0]
-                h, shortcut = net.advance(i, out.passed, shortcut)
-            steps += 1
-            bar.update(1)
+        if cfg.train.parallel == "pipeline" and self.pipeline_groups is not None:
+            run_thread_pipeline(self.step, batches, make_ctx, weights, active, stats, self.pipeline_groups)
+        elif cfg.train.parallel == "pipeline":
+            self.pipeline.run_epoch(batches, make_ctx, weights, active, stats)
+        elif self.graphed is not None:
+            self.graphed.run_epoch(batches, make_ctx, weights, active, stats)
+        else:
+            for b, (x, y) in enumerate(batches):
+                self.step(x, y, make_ctx(b), weights, active, stats)
+                stats.steps += 1
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -214,7 +719,9 @@ class Trainer:
         for state in self.units:
             if state.scheduler is not None:
                 state.scheduler.step()
-        return self._train_summary(epoch, term_sums, correct, seen, steps, elapsed, active)
+        return self._train_summary(
+            epoch, stats.term_sums, stats.correct, stats.seen, stats.steps, elapsed, active
+        )
 
     def _train_summary(self, epoch, term_sums, correct, seen, steps, elapsed, active) -> dict[str, Any]:
         names = sorted({k for sums in term_sums for k in sums})
@@ -263,7 +770,9 @@ class Trainer:
             return torch.zeros(len(self.scoring), 0, k, device=self.device), torch.zeros(0, dtype=torch.long)
         return torch.cat(chunks, dim=1), torch.cat(labels)
 
-    def evaluate(self, epoch: int, train_summary: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, epoch: int, train_summary: dict[str, Any], last: bool = False) -> dict[str, Any]:
+        """Readouts fitted on validation; test scores every epoch, or at the last (``last``: a time limit
+        ends the run here)."""
         start = time.perf_counter()
         val_scores, val_y = self.collect_scores("val")
         ce = train_summary["train_loss"].get("ce")
@@ -276,7 +785,7 @@ class Trainer:
             "val_acc": {n: _acc(get_readout(n).combine(val_scores, states[n]), val_y) for n in names},
             "readout_state": states,
         }
-        if self.cfg.train.eval_test_every_epoch or epoch == self.cfg.train.epochs - 1:
+        if self.cfg.train.eval_test_every_epoch or last or epoch == self.cfg.train.epochs - 1:
             test_scores, test_y = self.collect_scores("test")
             record["test_acc_layers"] = _pct(per_layer_accuracy(test_scores, test_y))
             record["test_acc"] = {
@@ -296,10 +805,17 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         wall_start = time.perf_counter() - sum(r.get("epoch_time_s", 0.0) for r in self.history)
+        limit = cfg.train.time_limit_s
+        session_start = time.perf_counter()
+        self.truncated = False
         for epoch in range(self.start_epoch, cfg.train.epochs):
             epoch_start = time.perf_counter()
             summary = self.train_epoch(epoch)
-            record = {"epoch": epoch, **summary, **self.evaluate(epoch, summary)}
+            if limit is not None and epoch < cfg.train.epochs - 1:
+                # Stop after this epoch if the next one (as long as this one) would overrun the limit.
+                spent = time.perf_counter() - session_start
+                self.truncated = spent + (time.perf_counter() - epoch_start) > limit
+            record = {"epoch": epoch, **summary, **self.evaluate(epoch, summary, last=self.truncated)}
             record["unit_stats"] = _unit_stats(self.net)
             record["epoch_time_s"] = time.perf_counter() - epoch_start
             self.history.append(record)
@@ -310,6 +826,8 @@ class Trainer:
                 self._save_checkpoint(ckpt_path, epoch + 1)
             for callback in self.callbacks:
                 callback(record)
+            if self.truncated:
+                break
         result = self._result_row(time.perf_counter() - wall_start)
         self._save_artifacts()
         atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2))
@@ -338,6 +856,8 @@ class Trainer:
             "config_hash": cfg.config_hash(),
             "readout": main,
             "epochs": len(hist),
+            "epochs_planned": cfg.train.epochs,
+            "truncated": len(hist) < cfg.train.epochs,  # stopped by train.time_limit_s
             "n_train": len(self.data.train),
             "n_val": len(self.data.val),
             "n_test": len(self.data.test),
@@ -438,6 +958,29 @@ def _pct(values: list[float]) -> list[float]:
 
 def _nan_to_none(v: float) -> float | None:
     return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _counted(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], bar: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in batches:
+        yield batch
+        bar.update(1)
+
+
+def _fused_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return _get_fused_kernels_supported_devices()
+
+
+def _check_cuda_graph(cfg: RunConfig, device: torch.device) -> bool:
+    """Whether to capture the training step as a CUDA graph (``train.cuda_graph``)."""
+    if not cfg.train.cuda_graph:
+        return False
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph=true needs a CUDA device, not {device}; set it to false")
+    return True
 
 
 class _NoBar:

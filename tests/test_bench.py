@@ -1,0 +1,124 @@
+"""`cawbench bench`: the saved-bytes counter against hand counts, FLOPs of a local unit, the CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from local_units import registered
+from torch import nn
+
+from cawbench.bench import HostReadCounter, SavedTensorMeter, parameter_storages, parse_methods
+from cawbench.cli import main
+from cawbench.config import ConfigError, OptimConfig
+from cawbench.engine import BatchStep, StepStats, UnitState, make_optimizer
+from cawbench.method import LocalNetwork, LocalUnit, StepContext, UnitOutput
+
+
+class LinearReLU(LocalUnit):
+    """h = relu(W x + b); loss = mean(h^2). Autograd keeps x (for W's gradient) and h (ReLU's result,
+    which pow also saves: the same storage, counted once). mean and the bias keep nothing else."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> UnitOutput:
+        return UnitOutput(F.relu(self.fc(x)))
+
+    def local_losses(self, out, target, ctx) -> dict[str, torch.Tensor]:
+        return {"sq": out.passed.pow(2).mean()}
+
+
+def test_saved_bytes_of_a_two_unit_network_match_a_hand_count():
+    torch.manual_seed(0)
+    batch, sizes = 4, [(3, 5), (5, 2)]
+    units = [LinearReLU(a, b) for a, b in sizes]
+    net = LocalNetwork(units)
+    states = [UnitState(u, list(u.parameters()), make_optimizer(list(u.parameters()), OptimConfig()), None, None)
+              for u in units]  # fmt: skip
+    method = SimpleNamespace(prepare_batch=lambda x, y, training: x)
+    step = BatchStep(method, net, states, torch.device("cpu"), bf16=False)
+    meter = SavedTensorMeter(parameter_storages(net))
+    x, y = torch.randn(batch, 3), torch.zeros(batch, dtype=torch.long)
+    step(x, y, StepContext(0, 1, 0), {}, [True, True], StepStats(2, torch.device("cpu")), hook=meter.hook)
+    # Hand count, float32 = 4 bytes: unit 0 keeps x [4,3] and h [4,5]; unit 1 keeps its input [4,5] and h [4,2].
+    assert meter.unit_bytes() == [4 * batch * (3 + 5), 4 * batch * (5 + 2)]  # [128, 112]
+
+
+def test_saved_bytes_count_a_conv_input_and_exclude_parameters():
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    meter = SavedTensorMeter(parameter_storages(conv))
+    x = torch.randn(5, 2, 6, 6)
+    with meter.hook(0):
+        conv(x).sum().backward()
+    # Only the input is kept (the weight is a parameter; sum keeps nothing): 5*2*6*6 floats.
+    assert meter.unit_bytes() == [4 * 5 * 2 * 6 * 6]
+
+
+def test_host_read_counter_sees_item_and_nonzero():
+    t = torch.arange(4.0)
+    with HostReadCounter() as reads:
+        t.sum().item()
+        t.nonzero()
+        _ = t * 2
+    assert reads.count == 2
+
+
+def test_parse_methods_with_row_overrides_and_errors():
+    entries = parse_methods("backprop,backprop{train.parallel=pipeline;optim.lr=0.5}", ["backprop", "ff"])
+    assert [e.method for e in entries] == ["backprop", "backprop"]
+    assert entries[1].overrides == {"train.parallel": "pipeline", "optim.lr": 0.5}
+    with pytest.raises(ConfigError, match="unknown method 'nope'; valid methods: backprop, ff"):
+        parse_methods("nope", ["backprop", "ff"])
+
+
+def _bench(tmp_path, *extra: str) -> list[dict[str, str]]:
+    args = ["bench", "--input", "1x16x16", "--batch", "8", "--steps", "1", "--repeats", "2", "--warmup", "0",
+            "--eval-steps", "1", "--device", "cpu", "--out", str(tmp_path), *extra]  # fmt: skip
+    assert main(args) == 0
+    assert (tmp_path / "cpu.md").is_file()
+    with (tmp_path / "cpu.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
+    with registered() as method:
+        rows = _bench(tmp_path, "--methods", method, "--arch", "tinycnn", "--width", "0.1")
+    out = capsys.readouterr().out
+    assert "train img/s" in out and method in out
+    md = (tmp_path / "cpu.md").read_text()
+    assert "| method | arch |" in md and "command: `cawbench bench --methods" in md and "torch" in md
+    local, ref = rows
+    assert (
+        local["label"] == method and ref["label"] == "backprop (ref)" and local["reference"] == ref["label"]
+    )
+    assert int(local["units"]) == 4 and int(ref["units"]) == 1
+    for row in rows:
+        assert float(row["train_ips"]) > 0 and float(row["eval_ips"]) > 0
+        assert float(row["saved_max_mb"]) > 0 and float(row["train_gflop_per_img"]) > 0
+        assert row["host_reads_per_step"] == "0"
+    assert float(ref["train_ips_x"]) == 1.0
+    # a local step keeps one unit's activations at a time: less than end-to-end backprop of the same net
+    assert float(local["saved_max_mb"]) < float(ref["saved_max_mb"])
+    assert float(local["saved_sum_mb"]) > float(local["saved_max_mb"])
+    ratio = float(local["train_ips"]) / float(ref["train_ips"])
+    assert float(local["train_ips_x"]) == pytest.approx(ratio)
+
+
+def test_local_training_flops_are_forward_plus_weight_gradient(tmp_path):
+    # One conv layer of the tinycnn plan? Use the whole 4-layer plan: each local unit's detached input gets
+    # no gradient, so training costs exactly 2x the forward convolutions (+ the tiny score projection).
+    with registered() as method:
+        (row,) = _bench(
+            tmp_path, "--methods", method, "--arch", "tinycnn", "--width", "0.1", "--no-reference"
+        )
+    # tinycnn w0.1 on 1x16x16: convs 1->10 (5x5, 16x16), 10->20 (5x5, 8x8), 20->40 (3x3, 4x4), 40->40 (3x3, 4x4)
+    macs = 16 * 16 * 10 * 1 * 25 + 8 * 8 * 20 * 10 * 25 + 4 * 4 * 40 * 20 * 9 + 4 * 4 * 40 * 40 * 9
+    projection = 2 * (10 + 20 + 40 + 40) * 10  # [1,C] @ [C,10] per unit, forward only
+    projection_grad = 2 * (10 + 20 + 40 + 40) * 10  # its gradient w.r.t. the pooled features
+    expected = 2 * (2 * macs) + projection + projection_grad
+    assert float(row["train_gflop_per_img"]) * 1e9 == pytest.approx(expected, rel=1e-9)
