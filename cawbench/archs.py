@@ -18,6 +18,7 @@ from cawbench.data import DataInfo
 from cawbench.registry import Registry
 
 RESIDUAL_OPS = ("add", "cat", "save", "save_pool")
+NORM_POSITIONS = ("pre_act", "post_pool")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class LayerSpec:
     in_size: int = 1  # spatial size entering the layer (after pool_before)
     out_size: int = 1  # spatial size of the layer's own output
     passed_channels: int = 0  # channels handed to the next layer (after cat)
+    # Where the normalisation sits. "pre_act": conv -> norm -> ReLU -> [pool_after] (the default);
+    # "post_pool": conv (with bias) -> ReLU -> [pool_after] -> norm (CaFo's blocks, CwComp's layers).
+    norm_position: str = "pre_act"
+    norm_eps: float = 1e-5  # BatchNorm eps (CaFo and CwComp use 1e-4)
+    pool_ceil: bool = True  # 2x2 pools: ceil mode (28 -> 14 -> 7 -> 4); False: floor (7 -> 3), as MaxPool2d
+    class_groups: int = 0  # classes competing in this layer's channel groups (CwComp); 0: the dataset's
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,9 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _pool_out(size: int) -> int:
-    return (size + 1) // 2  # 2x2 stride 2, ceil mode (28 -> 14 -> 7 -> 4)
+def _pool_out(size: int, ceil: bool = True) -> int:
+    """2x2 stride-2 pooling: ceil mode (28 -> 14 -> 7 -> 4) or floor mode (7 -> 3)."""
+    return (size + 1) // 2 if ceil else size // 2
 
 
 def _finish(name: str, info: DataInfo, rows: list[dict]) -> ArchPlan:
@@ -90,6 +98,11 @@ def _finish(name: str, info: DataInfo, rows: list[dict]) -> ArchPlan:
     layers = []
     for i, row in enumerate(rows):
         spec = LayerSpec(index=i, **row)
+        if spec.norm_position not in NORM_POSITIONS:
+            raise ConfigError(
+                f"{name}: layer {i} has norm_position={spec.norm_position!r}; "
+                f"choose one of: {', '.join(NORM_POSITIONS)}"
+            )
         if spec.kind == "linear" and i == 0:
             channels = info.in_channels * size * size  # the image enters flattened
         if spec.in_channels != channels:
@@ -97,7 +110,7 @@ def _finish(name: str, info: DataInfo, rows: list[dict]) -> ArchPlan:
                 f"{name}: layer {i} expects {spec.in_channels} input channels, receives {channels}"
             )
         if spec.pool_before:
-            size = _pool_out(size)
+            size = _pool_out(size, spec.pool_ceil)
         in_size = size
         if spec.kind == "conv":
             size = _conv_out(size, spec.kernel, spec.stride, spec.padding)
@@ -106,7 +119,9 @@ def _finish(name: str, info: DataInfo, rows: list[dict]) -> ArchPlan:
         elif spec.kind == "linear":
             size = 1
         if spec.pool_after:
-            size = _pool_out(size)
+            size = _pool_out(size, spec.pool_ceil)
+            if size < 1:
+                raise ConfigError(f"{name}: layer {i} pools to nothing for {info.image_size}px input")
         channels = spec.out_channels
         for op in spec.ops_after:
             if op == "add":
@@ -251,3 +266,67 @@ def mlp(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
         rows.append(dict(kind="linear", in_channels=features, out_channels=width, kernel=1, padding=0))
         features = width
     return _finish("mlp", info, rows)
+
+
+# --------------------------------------------------------------------------------- CaFo and CwComp
+@register_arch("cafo_cnn")
+def cafo_cnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
+    """CaFo's cascade (baselines.md 3(c)): blocks Conv3x3 (bias) -> ReLU -> MaxPool2 -> BatchNorm (eps 1e-4).
+
+    The BatchNorm comes after the pool, and the pool floors odd sizes like ``nn.MaxPool2d`` (MNIST: 28 -> 14
+    -> 7 -> 3, flattened 6272/6272/4608; CIFAR: 8192 per block). Channels 32 * 4**i times the width;
+    ``model.depth`` is the number of blocks (default 3, the only value the authors' code builds).
+    """
+    blocks = cfg.depth or 3
+    rows, channels = [], info.in_channels
+    for i in range(blocks):
+        out = scaled(32 * 4**i, cfg.width)
+        rows.append(
+            dict(
+                kind="conv", in_channels=channels, out_channels=out, pool_after="max",
+                norm_position="post_pool", norm_eps=1e-4, pool_ceil=False,
+            )
+        )  # fmt: skip
+        channels = out
+    return _finish("cafo_cnn", info, rows)
+
+
+def _cwcomp_rows(info: DataInfo, per_class: list[int], classes: list[int], width: float) -> list[dict]:
+    """CwComp's CFSE stack: layer i has ``classes[i] * per_class[i]`` channels (so every class owns an equal
+    contiguous group); odd layers are grouped convs (groups = that layer's classes) followed by a 2x2
+    max-pool; every layer is conv (bias) -> ReLU -> [pool] -> BatchNorm (eps 1e-4)."""
+    rows, channels = [], info.in_channels
+    for i, (mult, k) in enumerate(zip(per_class, classes, strict=True)):
+        out = k * scaled(mult, width)
+        odd = i % 2 == 1
+        rows.append(
+            dict(
+                kind="conv", in_channels=channels, out_channels=out, groups=k if odd else 1,
+                pool_after="max" if odd else None, norm_position="post_pool", norm_eps=1e-4,
+                pool_ceil=False, class_groups=k,
+            )
+        )  # fmt: skip
+        channels = out
+    return rows
+
+
+@register_arch("cwcomp_cnn")
+def cwcomp_cnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
+    """CwComp's CFSE CNN (baselines.md 4(c)): 20 / 80 / 240 / 480 channels for K = 10 (2 / 8 / 24 / 48 per
+    class, times the width), grouped convs with groups = K and 2x2 max-pools on layers 1 and 3, BatchNorm
+    after the pool. For another K the per-class counts stay, so the channels scale with K."""
+    k = info.num_classes
+    return _finish("cwcomp_cnn", info, _cwcomp_rows(info, [2, 8, 24, 48], [k] * 4, cfg.width))
+
+
+@register_arch("cwcomp_cnn100")
+def cwcomp_cnn100(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
+    """CwComp's CIFAR-100 CFSE CNN (baselines.md 4(c)): 60 / 120 / 240 / 400 / 800 / 1600 channels; the first
+    four layers compete over K/5 superclasses (label // 5), the last two over the K classes; grouped convs
+    (groups 20, 20, 100) and max-pools on layers 1, 3 and 5 (32 -> 4)."""
+    k = info.num_classes
+    if k % 5:
+        raise ConfigError(f"cwcomp_cnn100 needs a class count divisible by 5 (superclasses), got {k}")
+    coarse = k // 5
+    per_class = [60 // 20, 120 // 20, 240 // 20, 400 // 20, 800 // 100, 1600 // 100]
+    return _finish("cwcomp_cnn100", info, _cwcomp_rows(info, per_class, [coarse] * 4 + [k] * 2, cfg.width))

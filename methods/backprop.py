@@ -7,7 +7,10 @@ evaluation and measurement as the forward-only methods: its "per-layer" score is
 Recipe convention (spec baselines.md §5): Adam 1e-3, the twin method's batch size, epochs and data.
 ``params.norm=rms`` (or ``l2``) replaces the per-layer BN by FF's length normalisation of each layer's
 input (no centring): the ``paper-ff`` and ``paper-symba`` recipes are the BP twins of FF's and SymBa's
-``paper`` recipes (same MLP, normalisation, data split, batch size and epochs).
+``paper`` recipes (same MLP, normalisation, data split, batch size and epochs). ``paper-cafo`` and
+``paper-cwcomp`` are the twins of CaFo's and CwComp's recipes: the same ``cafo_cnn`` / ``cwcomp_cnn(100)``
+stack (conv -> ReLU -> pool -> BN, grouped convs), data and epochs, with ``params.head_input=flatten``
+(a linear head on the flattened last feature map instead of global average pooling).
 """
 
 from __future__ import annotations
@@ -34,48 +37,63 @@ class BackpropConfig:
     norm: str = "batch"  # batch | none: after each layer | rms | l2: length of each layer's input (FF)
     label_smoothing: float = 0.0
     dropout: float = 0.0  # before the head
+    # What the linear head sees: "gap" (global average pool) or "flatten" (the whole last feature map,
+    # as CaFo's and CwComp's own heads and CwComp's Backprop.py nets do).
+    head_input: str = "gap"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"params.norm={self.norm!r} is not valid; choose one of: {', '.join(NORMS)}")
+        if self.head_input not in ("gap", "flatten"):
+            raise ConfigError(
+                f"params.head_input={self.head_input!r} is not valid; choose one of: gap, flatten"
+            )
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.dropout < 1:
             raise ConfigError("params.label_smoothing and params.dropout must be in [0, 1)")
 
 
-def _pool(kind: str | None, x: torch.Tensor) -> torch.Tensor:
+def _pool(kind: str | None, x: torch.Tensor, ceil: bool = True) -> torch.Tensor:
     if kind == "avg":
-        return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+        return F.avg_pool2d(x, 2, 2, ceil_mode=ceil)
     if kind == "max":
-        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+        return F.max_pool2d(x, 2, 2, ceil_mode=ceil)
     return x
 
 
 class PlanLayer(nn.Module):
-    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool]."""
+    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool], or, for rows with
+    ``norm_position="post_pool"`` (CaFo, CwComp), [pool] -> conv (with bias) -> ReLU -> [pool] -> norm."""
 
     def __init__(self, spec: LayerSpec, norm: str) -> None:
         super().__init__()
         self.spec = spec
         self.input_norm = norm if norm in ("rms", "l2") else None
+        self.post_pool_norm = spec.norm_position == "post_pool"
+        # a bias before the ReLU is not cancelled by a norm placed after the pool
+        bias = norm != "batch" or self.post_pool_norm
         if spec.kind == "conv":
             self.op = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
-                groups=spec.groups, bias=norm != "batch",
+                groups=spec.groups, bias=bias,
             )  # fmt: skip
-            self.norm = nn.BatchNorm2d(spec.out_channels) if norm == "batch" else nn.Identity()
+            batch_norm: type[nn.Module] = nn.BatchNorm2d
         else:
             self.op = nn.Linear(spec.in_channels, spec.out_channels)
-            self.norm = nn.BatchNorm1d(spec.out_channels) if norm == "batch" else nn.Identity()
+            batch_norm = nn.BatchNorm1d
+        self.norm = batch_norm(spec.out_channels, eps=spec.norm_eps) if norm == "batch" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.kind == "linear":
+        spec = self.spec
+        if spec.kind == "linear":
             x = x.flatten(1)
-        x = _pool(self.spec.pool_before, x)
+        x = _pool(spec.pool_before, x, spec.pool_ceil)
         if self.input_norm is not None:  # FF's length normalisation of the layer input, per sample
             eps = 1e-8 if self.input_norm == "rms" else 1e-4
             x = length_normalise(x.flatten(1), self.input_norm, eps).view_as(x)
+        if self.post_pool_norm:
+            return self.norm(_pool(spec.pool_after, F.relu(self.op(x)), spec.pool_ceil))
         x = F.relu(self.norm(self.op(x)))
-        return _pool(self.spec.pool_after, x)
+        return _pool(spec.pool_after, x, spec.pool_ceil)
 
 
 class EndToEndUnit(LocalUnit):
@@ -86,14 +104,19 @@ class EndToEndUnit(LocalUnit):
         self.layers = nn.ModuleList(PlanLayer(s, cfg.norm) for s in plan.layers)
         self.wiring = Wiring(plan)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(plan.layers[-1].passed_channels, num_classes)
+        last = plan.layers[-1]
+        self.flatten_head = cfg.head_input == "flatten"
+        spatial = last.out_size**2 if self.flatten_head and last.kind == "conv" else 1
+        self.head = nn.Linear(last.passed_channels * spatial, num_classes)
         self.label_smoothing = cfg.label_smoothing
 
     def forward(self, x: torch.Tensor) -> UnitOutput:
         shortcut = None
         for i, layer in enumerate(self.layers):
             x, shortcut = self.wiring.apply(i, layer(x), shortcut)
-        features = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        features = x
+        if x.dim() == 4:
+            features = x.flatten(1) if self.flatten_head else x.mean(dim=(2, 3))
         logits = self.head(self.dropout(features))
         return UnitOutput(passed=logits, scores=logits)
 
@@ -101,6 +124,41 @@ class EndToEndUnit(LocalUnit):
         self, out: UnitOutput, target: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(out.scores, target, label_smoothing=self.label_smoothing)}
+
+
+def _twin(arch: str, epochs: int, normalization: str, val_size: int | None = None) -> dict[str, object]:
+    """The BP twin of a forward-only recipe: the same stack, data, batch and epochs, a flattened CE head."""
+    recipe: dict[str, object] = {
+        "model.arch": arch,
+        "params.head_input": "flatten",
+        "train.epochs": epochs,
+        "train.batch_size": 128,
+        "data.normalization": normalization,
+        "data.augment": "none",
+    }
+    if val_size is not None:
+        recipe["data.val_size"] = val_size
+    return recipe
+
+
+# CaFo's 3-block CNN (spec §5: [3rd/Spyra] trains it end to end with one linear head); data as CaFo's
+# recipes, 20 epochs like its minibatch recipe.
+_CAFO_TWINS = {
+    ds: _twin("cafo_cnn", 20, norm, val)
+    for ds, norm, val in (
+        ("mnist", "dataset", 10_000),
+        ("fashion-mnist", "dataset", 10_000),
+        ("cifar10", "half", 5_000),
+        ("cifar100", "half", 5_000),
+    )
+}
+# CwComp's CFSE CNN with CwComp's epochs (20 / 50 / 50 / 100) and normalisations (spec §4(d), §8).
+_CWCOMP_TWINS = {
+    "mnist": _twin("cwcomp_cnn", 20, "dataset"),
+    "fashion-mnist": _twin("cwcomp_cnn", 50, "half"),
+    "cifar10": _twin("cwcomp_cnn", 50, "imagenet"),
+    "cifar100": _twin("cwcomp_cnn100", 100, "imagenet"),
+}
 
 
 def mlp_twin(recipe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -136,6 +194,8 @@ class Backprop(Method):
                 ("tiny-imagenet", None, 0.1),
             )
         },  # fmt: skip
+        "paper-cafo": _CAFO_TWINS,
+        "paper-cwcomp": _CWCOMP_TWINS,
         "paper-ff": mlp_twin(FF_PAPER),
         "paper-symba": mlp_twin(SYMBA_PAPER),
     }
