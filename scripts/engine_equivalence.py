@@ -23,11 +23,15 @@ cawbench_inplace.setup()
 import torch  # noqa: E402
 
 from cawbench.bench import random_data  # noqa: E402
-from cawbench.engine import Trainer  # noqa: E402
+from cawbench.engine import GraphedSteps, PipelineRunner, ReplayBackend, Trainer  # noqa: E402
 from cawbench.method import get_method, list_methods, resolve_config  # noqa: E402
 
 
-def train_params(method: str, device: str, mode: dict, epochs: int = 2) -> torch.Tensor:
+def train_params(
+    method: str, device: str, mode: dict, epochs: int = 2, replay: str | None = None
+) -> torch.Tensor:
+    """Parameters after ``epochs`` short epochs; ``replay``: run the CUDA-graph runner ("steps") or the
+    captured pipeline ("pipeline") with the CPU replay stand-in for graphs (their data flow, anywhere)."""
     cls = get_method(method)
     layer = {"method": method, "train.device": device, "train.progress": False, "train.checkpoint": False,
              "train.batch_size": 16, "train.deterministic": True, "train.seed": 3, **cls.smoke_overrides,
@@ -38,6 +42,10 @@ def train_params(method: str, device: str, mode: dict, epochs: int = 2) -> torch
     # 30 full batches and one of 5: enough for a 17-unit pipeline to reach its captured steady state
     data = random_data((1, 16, 16), 10, 485, 32, torch.device(device))
     trainer = Trainer(cfg, data=data, write_result=False)
+    if replay == "steps":
+        trainer.graphed = GraphedSteps(trainer.step, cfg.train.batch_size, backend=ReplayBackend())
+    elif replay == "pipeline":
+        trainer.pipeline = PipelineRunner(trainer.step, cfg.train.batch_size, ReplayBackend())
     for epoch in range(epochs):
         trainer.train_epoch(epoch)
     return torch.cat([p.detach().float().flatten().cpu() for p in trainer.net.parameters()])
@@ -50,10 +58,13 @@ def main() -> int:
     p.add_argument("--json")
     args = p.parse_args()
     methods = list_methods() if args.methods == "all" else args.methods.split(",")
-    modes = {"pipeline": {"train.parallel": "pipeline"}}
+    modes = {"pipeline": ({"train.parallel": "pipeline"}, None)}
+    if args.device == "cpu":
+        modes["replayed_graph"] = ({}, "steps")
+        modes["replayed_pipeline_graph"] = ({"train.parallel": "pipeline"}, "pipeline")
     if args.device.startswith("cuda"):
-        modes["cuda_graph"] = {"train.cuda_graph": True}
-        modes["pipeline_graph"] = {"train.parallel": "pipeline", "train.cuda_graph": True}
+        modes["cuda_graph"] = ({"train.cuda_graph": True}, None)
+        modes["pipeline_graph"] = ({"train.parallel": "pipeline", "train.cuda_graph": True}, None)
     report: dict[str, dict[str, object]] = {}
     for method in methods:
         report[method] = {}
@@ -64,9 +75,9 @@ def main() -> int:
             print(method, report[method], flush=True)
             continue
         scale = base.abs().max().item() or 1.0
-        for name, mode in modes.items():
+        for name, (mode, replay) in modes.items():
             try:
-                other = train_params(method, args.device, mode)
+                other = train_params(method, args.device, mode, replay=replay)
                 diff = (other - base).abs().max().item()
                 report[method][name] = {"max_abs_diff": diff, "relative": diff / scale, "equal": diff == 0.0}
             except Exception as exc:
