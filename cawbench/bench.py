@@ -131,9 +131,15 @@ def parameter_storages(module: torch.nn.Module) -> set[int]:
 
 
 def random_data(
-    shape: tuple[int, int, int], classes: int, n_train: int, n_eval: int, device: torch.device
+    shape: tuple[int, int, int],
+    classes: int,
+    n_train: int,
+    n_eval: int,
+    device: torch.device,
+    name: str = "random",
 ) -> PreparedData:
-    """Random uint8 images and labels, resident on ``device`` like a real small dataset."""
+    """Random uint8 images and labels, resident on ``device`` like a real small dataset. ``name``: the
+    dataset the methods are told it is (some pick per-dataset settings by name)."""
     c, h, w = shape
     if h != w:
         raise ConfigError(f"--input {c}x{h}x{w}: images must be square (H == W)")
@@ -145,7 +151,7 @@ def random_data(
         return Split(x.to(device), y.to(device))
 
     transform = BatchTransform((0.5,) * c, (0.25,) * c, None, DataConfig(name="synthetic"))
-    info = DataInfo("random", classes, c, h)
+    info = DataInfo(name, classes, c, h)
     return PreparedData(info, split(n_train), split(0), split(n_eval), transform, "random uint8 (bench)")
 
 
@@ -238,7 +244,7 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
 
     device = resolve_device(cfg.train.device)
     data = random_data(args.input_shape, args.classes, args.batch * args.steps,
-                       cfg.train.eval_batch_size * args.eval_steps, device)  # fmt: skip
+                       cfg.train.eval_batch_size * args.eval_steps, device, cfg.data.name)  # fmt: skip
     trainer = Trainer(cfg, data=data, write_result=False)
     row: dict[str, Any] = {
         "label": label,

@@ -28,7 +28,7 @@ from cawbench.method import get_method, list_methods, resolve_config  # noqa: E4
 
 
 def train_params(
-    method: str, device: str, mode: dict, epochs: int = 2, replay: str | None = None
+    method: str, device: str, mode: dict, epochs: int = 2, replay: str | None = None, images: int = 485
 ) -> torch.Tensor:
     """Parameters after ``epochs`` short epochs; ``replay``: run the CUDA-graph runner ("steps") or the
     captured pipeline ("pipeline") with the CPU replay stand-in for graphs (their data flow, anywhere)."""
@@ -39,8 +39,9 @@ def train_params(
     if "dropout" in {f.name for f in dataclasses.fields(cls.Config)}:
         layer["params.dropout"] = 0.0
     cfg = resolve_config(layer)
-    # 30 full batches and one of 5: enough for a 17-unit pipeline to reach its captured steady state
-    data = random_data((1, 16, 16), 10, 485, 32, torch.device(device))
+    # default 30 full batches of 16 and one of 5: enough for a 17-unit pipeline to reach its captured
+    # steady state in both epochs
+    data = random_data((1, 16, 16), 10, images, 32, torch.device(device), "fashion-mnist")
     trainer = Trainer(cfg, data=data, write_result=False)
     if replay == "steps":
         trainer.graphed = GraphedSteps(trainer.step, cfg.train.batch_size, backend=ReplayBackend())
@@ -56,6 +57,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--methods", default="all")
     p.add_argument("--json")
+    p.add_argument("--images", type=int, default=485, help="training images (485: 30 batches of 16 and 5)")
     args = p.parse_args()
     methods = list_methods() if args.methods == "all" else args.methods.split(",")
     modes = {"pipeline": ({"train.parallel": "pipeline"}, None)}
@@ -69,7 +71,7 @@ def main() -> int:
     for method in methods:
         report[method] = {}
         try:
-            base = train_params(method, args.device, {})
+            base = train_params(method, args.device, {}, images=args.images)
         except Exception as exc:  # report and go on with the next method
             report[method]["error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(method, report[method], flush=True)
@@ -77,7 +79,7 @@ def main() -> int:
         scale = base.abs().max().item() or 1.0
         for name, (mode, replay) in modes.items():
             try:
-                other = train_params(method, args.device, mode, replay=replay)
+                other = train_params(method, args.device, mode, replay=replay, images=args.images)
                 diff = (other - base).abs().max().item()
                 report[method][name] = {"max_abs_diff": diff, "relative": diff / scale, "equal": diff == 0.0}
             except Exception as exc:
