@@ -87,8 +87,8 @@ class SavedTensorMeter:
 class HostReadCounter(TorchDispatchMode):
     """Counts operations that need a tensor's value on the host (``.item()``, ``bool(t)``, ``nonzero``,
     ...): each one is a device synchronisation on a GPU, so a training step should have none. Not counted:
-    reads of host tensors inside ``torch.optim`` (the step counters the non-fused optimisers keep on the host
-    on purpose; they cost no synchronisation anywhere)."""
+    reads of host tensors by code that only ever reads host tensors: ``torch.optim`` (the step counters the
+    non-fused optimisers keep on the host on purpose) and :mod:`cawbench.fast_dropout` (CPU-only seeds)."""
 
     OPS = {
         torch.ops.aten._local_scalar_dense.default,
@@ -106,21 +106,23 @@ class HostReadCounter(TorchDispatchMode):
         self.names: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if func in self.OPS and not _optimiser_host_read(args):
+        if func in self.OPS and not _host_only_read(args):
             self.count += 1
             self.names.add(str(func))
         return func(*args, **(kwargs or {}))
 
 
-def _optimiser_host_read(args: tuple) -> bool:
-    on_host = all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor))
-    if not on_host:
+HOST_ONLY_CODE = (f"{os.sep}torch{os.sep}optim{os.sep}", f"{os.sep}cawbench{os.sep}fast_dropout.py")
+
+
+def _host_only_read(args: tuple) -> bool:
+    if not all(a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
         return False
     frame = sys._getframe(2)
     for _ in range(12):
         if frame is None:
             return False
-        if f"{os.sep}torch{os.sep}optim{os.sep}" in frame.f_code.co_filename:
+        if any(part in frame.f_code.co_filename for part in HOST_ONLY_CODE):
             return True
         frame = frame.f_back
     return False

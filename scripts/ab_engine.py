@@ -22,7 +22,8 @@ from cawbench.engine import Trainer  # noqa: E402
 from cawbench.method import list_methods, resolve_config  # noqa: E402
 
 VARIANTS = {  # name -> (config overrides, channels_last on this device)
-    "base": ({"train.fused_optimizer": False}, False),
+    "base": ({"train.fused_optimizer": False, "train.fast_dropout": False}, False),
+    "fastdrop": ({}, False),
     "fused": ({}, False),
     "cl": ({"train.fused_optimizer": False}, True),
     "fused_cl": ({}, True),
