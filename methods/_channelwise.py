@@ -264,9 +264,8 @@ class ChannelwiseUnit(LocalUnit):
     def _normalise(self, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "group":
             return F.group_norm(y, self.num_classes, eps=NORM_EPS)
-        if (
-            self.cfg.norm == "instance"
-        ):  # GroupNorm with one group per channel is InstanceNorm, ~8x faster on CPU
+        if self.cfg.norm == "instance":
+            # GroupNorm with one group per channel is InstanceNorm exactly, and ~8x faster on CPU.
             return F.group_norm(y, y.shape[1], eps=NORM_EPS)
         return y
 
