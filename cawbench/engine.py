@@ -617,8 +617,11 @@ class Trainer:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if cfg.train.compile:
+            # Static shapes per unit (the fastest kernels); room for every unit's shapes in train and eval.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 4 * len(self.net.units))
             for unit in self.net.units:
-                unit.compile()
+                unit.compile(dynamic=False)
         if self.device.type == "cuda" and not cfg.train.deterministic:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
         self.cuda_graph = _check_cuda_graph(cfg, self.device)
@@ -663,7 +666,9 @@ class Trainer:
         x = torch.zeros(2, *self.data.info.input_shape, device=self.device)
         y = torch.zeros(2, dtype=torch.long, device=self.device)
         costs = []
-        with torch.no_grad():
+        stance = getattr(torch.compiler, "set_stance", None)  # compiled units: count eagerly, compile later
+        eager = stance("force_eager") if stance is not None else contextlib.nullcontext()
+        with torch.no_grad(), eager:
             h, shortcut = self.net.stem(self.method.prepare_batch(x, y, True)), None
             for i, unit in enumerate(self.net.units):
                 counter = FlopCounterMode(display=False)
