@@ -51,7 +51,7 @@ def test_every_variant_resolves_to_a_valid_config(scale):
         assert cfg.method == overrides.get("method", SPEC["base"]["method"])
         assert cfg.data.name == "fashion-mnist" and cfg.recipe == "paper"
         if scale == "cpu":
-            assert cfg.model.width == 0.2 and cfg.train.epochs == 2 and cfg.data.subset == 2000
+            assert cfg.model.width == 0.1 and cfg.train.epochs == 1 and cfg.data.subset == 1000
         else:
             assert cfg.train.epochs == 150 and cfg.data.val_size == 10_000
 
@@ -96,4 +96,4 @@ def test_references_use_their_own_paper_recipes():
     df = resolve("deeperforward", "paper")
     assert df.params.assignment == "fixed" and df.readout.name == "sip" and df.optim.lr_min == 0.008
     bp = resolve("backprop", "cpu")
-    assert bp.method == "backprop" and bp.model.width == 0.2 and bp.model.arch == "resnet17"
+    assert bp.method == "backprop" and bp.model.width == 0.1 and bp.model.arch == "resnet17"
