@@ -124,7 +124,7 @@ class TrainConfig:
     parallel: str = "off"  # off | pipeline (layer-parallel, same maths as sequential)
     pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
-    fused_optimizer: bool = True  # CUDA only: fused Adam/AdamW/SGD kernels (same update rule)
+    fused_optimizer: bool = True  # on accelerators (not the CPU): fused Adam/AdamW/SGD kernels, same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
     checkpoint: bool = True

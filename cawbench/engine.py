@@ -974,9 +974,11 @@ def _counted(
 
 
 def _fused_devices() -> list[str]:
+    """Accelerators with fused optimiser kernels. Not the CPU: measured there (caw_conv, width 0.4, 6
+    interleaved rounds) the fused AdamW step was no faster (0.94x)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    return _get_fused_kernels_supported_devices()
+    return [d for d in _get_fused_kernels_supported_devices() if d != "cpu"]
 
 
 def _check_cuda_graph(cfg: RunConfig, device: torch.device) -> bool:

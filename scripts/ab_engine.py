@@ -1,6 +1,7 @@
 """Interleaved A/B timing of engine variants on one method (shared, noisy cores: compare ratios).
 
-usage: python scripts/ab_engine.py --method standin_caw --width 0.4 --rounds 5 --variants base,fused,cl
+usage: python scripts/ab_engine.py --method caw_conv --width 0.4 --rounds 5 --variants base,pipe2,standin_caw:base
+(standin_caw = scripts/standin.py: the spec's CAW layer written the plain way, i.e. the authors' loop shape)
 Each round times one engine epoch of --steps batches of every variant in turn, so load changes hit all alike;
 reported per step.
 """
@@ -61,17 +62,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="batches per timed epoch")
     p.add_argument("--variants", default="base,fused")
     args = p.parse_args()
-    if args.method == "standin_caw" and "standin_caw" not in list_methods():
-        import standin
-
-        standin.register()
     names = args.variants.split(",")
-    trainers = {n: build(args.method, args.width, args.batch, args.steps, *VARIANTS[n]) for n in names}
+    trainers = {}
+    for n in names:  # "variant" uses --method; "method:variant" names its own method
+        method, variant = n.split(":") if ":" in n else (args.method, n)
+        if method == "standin_caw" and "standin_caw" not in list_methods():
+            import standin
+
+            standin.register()
+        trainers[n] = build(method, args.width, args.batch, args.steps, *VARIANTS[variant])
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds + 1):
         for n, t in trainers.items():
             threads = torch.get_num_threads()
-            torch.set_num_threads(THREADS.get(n, threads))
+            torch.set_num_threads(THREADS.get(n.split(":")[-1], threads))
             seconds = t.train_epoch(0)["train_time_s"]  # the engine's own epoch: every mode, same code path
             if r > 0:  # round 0 warms up (and compiles)
                 times[n].append(seconds / args.steps)

@@ -23,11 +23,15 @@ cawbench_inplace.setup()
 import torch  # noqa: E402
 
 from cawbench.bench import random_data  # noqa: E402
-from cawbench.engine import Trainer  # noqa: E402
+from cawbench.engine import GraphedSteps, PipelineRunner, ReplayBackend, Trainer  # noqa: E402
 from cawbench.method import get_method, list_methods, resolve_config  # noqa: E402
 
 
-def train_params(method: str, device: str, mode: dict, epochs: int = 2) -> torch.Tensor:
+def train_params(
+    method: str, device: str, mode: dict, epochs: int = 2, replay: str | None = None, images: int = 485
+) -> torch.Tensor:
+    """Parameters after ``epochs`` short epochs; ``replay``: run the CUDA-graph runner ("steps") or the
+    captured pipeline ("pipeline") with the CPU replay stand-in for graphs (their data flow, anywhere)."""
     cls = get_method(method)
     layer = {"method": method, "train.device": device, "train.progress": False, "train.checkpoint": False,
              "train.batch_size": 16, "train.deterministic": True, "train.seed": 3, **cls.smoke_overrides,
@@ -35,9 +39,14 @@ def train_params(method: str, device: str, mode: dict, epochs: int = 2) -> torch
     if "dropout" in {f.name for f in dataclasses.fields(cls.Config)}:
         layer["params.dropout"] = 0.0
     cfg = resolve_config(layer)
-    # 30 full batches and one of 5: enough for a 17-unit pipeline to reach its captured steady state
-    data = random_data((1, 16, 16), 10, 485, 32, torch.device(device))
+    # default 30 full batches of 16 and one of 5: enough for a 17-unit pipeline to reach its captured
+    # steady state in both epochs
+    data = random_data((1, 16, 16), 10, images, 32, torch.device(device), "fashion-mnist")
     trainer = Trainer(cfg, data=data, write_result=False)
+    if replay == "steps":
+        trainer.graphed = GraphedSteps(trainer.step, cfg.train.batch_size, backend=ReplayBackend())
+    elif replay == "pipeline":
+        trainer.pipeline = PipelineRunner(trainer.step, cfg.train.batch_size, ReplayBackend())
     for epoch in range(epochs):
         trainer.train_epoch(epoch)
     return torch.cat([p.detach().float().flatten().cpu() for p in trainer.net.parameters()])
@@ -48,25 +57,29 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--methods", default="all")
     p.add_argument("--json")
+    p.add_argument("--images", type=int, default=485, help="training images (485: 30 batches of 16 and 5)")
     args = p.parse_args()
     methods = list_methods() if args.methods == "all" else args.methods.split(",")
-    modes = {"pipeline": {"train.parallel": "pipeline"}}
+    modes = {"pipeline": ({"train.parallel": "pipeline"}, None)}
+    if args.device == "cpu":
+        modes["replayed_graph"] = ({}, "steps")
+        modes["replayed_pipeline_graph"] = ({"train.parallel": "pipeline"}, "pipeline")
     if args.device.startswith("cuda"):
-        modes["cuda_graph"] = {"train.cuda_graph": True}
-        modes["pipeline_graph"] = {"train.parallel": "pipeline", "train.cuda_graph": True}
+        modes["cuda_graph"] = ({"train.cuda_graph": True}, None)
+        modes["pipeline_graph"] = ({"train.parallel": "pipeline", "train.cuda_graph": True}, None)
     report: dict[str, dict[str, object]] = {}
     for method in methods:
         report[method] = {}
         try:
-            base = train_params(method, args.device, {})
+            base = train_params(method, args.device, {}, images=args.images)
         except Exception as exc:  # report and go on with the next method
             report[method]["error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(method, report[method], flush=True)
             continue
         scale = base.abs().max().item() or 1.0
-        for name, mode in modes.items():
+        for name, (mode, replay) in modes.items():
             try:
-                other = train_params(method, args.device, mode)
+                other = train_params(method, args.device, mode, replay=replay, images=args.images)
                 diff = (other - base).abs().max().item()
                 report[method][name] = {"max_abs_diff": diff, "relative": diff / scale, "equal": diff == 0.0}
             except Exception as exc:

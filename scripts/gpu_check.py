@@ -4,11 +4,12 @@ Made for a lent GPU machine with a hard wall-clock limit: every stage runs in it
 timeout, the paper run stops itself cleanly (``train.time_limit_s``) before the budget ends, and every
 result is copied under ``--out`` (at most 8 files, at most 2 folders deep):
 
-    env.txt            nvidia-smi, torch/CUDA/cuDNN versions, device properties
-    log.txt            everything printed by every stage
-    checks.json        eager vs CUDA-graph and sequential vs pipeline equality; the per-stage timings;
-                       the paper run's epochs, s/epoch and projected 150-epoch time
-    bench/<gpu>.md     the bench table (and .csv)
+    log.txt            everything printed by every stage (nvidia-smi and versions first)
+    checks.json        environment; eager vs CUDA-graph and sequential vs pipeline equality; per-stage
+                       timings; the paper run's mode, epochs, s/epoch and projected 150-epoch time
+    bench_modes/<gpu>.md (+ .csv)   CAW-Conv and backprop in each engine mode (eager, CUDA graph,
+                       pipeline, captured pipeline), run first: it decides the paper run's mode
+    bench/<gpu>.md (+ .csv)         every other method beside its backprop reference
     paper_metrics.jsonl, paper_result.json   the paper run's per-epoch records and result row
 
 ``--dry-run`` runs the same stages at tiny sizes on the CPU (to test this script anywhere).
@@ -90,7 +91,7 @@ def _drain(proc: subprocess.Popen, log: Log) -> None:
         log("  " + line.rstrip())
 
 
-def environment(out: Path, log: Log, dry: bool) -> None:
+def environment(log: Log, dry: bool) -> str:
     lines = []
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
@@ -103,11 +104,11 @@ def environment(out: Path, log: Log, dry: bool) -> None:
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     lines.append(res.stdout + res.stderr)
     text = "\n".join(lines)
-    (out / "env.txt").write_text(text)
     for line in text.splitlines():
         log(line)
     if not dry and "no CUDA" in text:
         log("WARNING: no CUDA device visible; the stages will fail or run on the CPU")
+    return text
 
 
 def available_methods() -> list[str]:
@@ -119,20 +120,23 @@ def available_methods() -> list[str]:
     return [m for m in res.stdout.strip().split(",") if m]
 
 
-def bench_methods(methods: list[str], dry: bool) -> str:
-    """Eager rows of every method first, the engine variants of CAW-Conv (graphs, pipeline) last."""
-    main = "caw_conv" if "caw_conv" in methods else "backprop"
-    rows = ["backprop", *[m for m in methods if m != "backprop"]]
-    rows.append(f"{main}{{train.parallel=pipeline}}")
+def mode_rows(main: str, dry: bool) -> str:
+    """The main method (and backprop) in every engine mode: the decisive bench, run first."""
+    rows = ["backprop", main, f"{main}{{train.parallel=pipeline}}"]
     if not dry:
-        rows += ["backprop{train.cuda_graph=true}", f"{main}{{train.cuda_graph=true}}",
-                 f"{main}{{train.parallel=pipeline;train.cuda_graph=true}}"]  # fmt: skip
-    return ",".join(rows)
+        rows += [f"{main}{{train.cuda_graph=true}}", f"{main}{{train.parallel=pipeline;train.cuda_graph=true}}",
+                 "backprop{train.cuda_graph=true}"]  # fmt: skip
+    return ",".join(dict.fromkeys(rows))
 
 
-def read_bench(out: Path) -> list[dict[str, str]]:
+def method_rows(methods: list[str], main: str) -> str:
+    """Every other registered method, eagerly, each beside backprop on its own network."""
+    return ",".join(m for m in methods if m not in ("backprop", main))
+
+
+def read_bench(folder: Path) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for path in (out / "bench").glob("*.csv"):
+    for path in folder.glob("*.csv"):
         with path.open() as fh:
             rows += list(csv.DictReader(fh))
     return rows
@@ -163,11 +167,11 @@ def main() -> int:
     p.add_argument("--out", required=True, help="folder for the results (the device tool's $OUT)")
     p.add_argument("--budget", type=float, default=560.0, help="seconds for the whole script")
     p.add_argument("--data-dir", default=".gpudata/fashion-mnist", help="Fashion-MNIST's four .gz files")
-    p.add_argument("--bench-budget", type=float, default=150.0, help="seconds for the bench stage")
+    p.add_argument("--bench-budget", type=float, default=160.0, help="seconds for the bench stage")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (tests this script)")
     args = p.parse_args()
     out = Path(args.out)
-    (out / "bench").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log.txt")
     dry = args.dry_run
     checks: dict[str, object] = {"dry_run": dry, "budget_s": args.budget}
@@ -175,7 +179,7 @@ def main() -> int:
     def save_checks() -> None:
         (out / "checks.json").write_text(json.dumps(checks, indent=2))
 
-    environment(out, log, dry)
+    checks["environment"] = environment(log, dry)
     methods = available_methods()
     log(f"registered methods: {', '.join(methods) or '(none: import failed)'}")
     main_method = "caw_conv" if "caw_conv" in methods else "backprop"
@@ -183,27 +187,33 @@ def main() -> int:
 
     # 1. Equality of the engine modes (CUDA graph vs eager, pipeline vs sequential).
     eq_json = out / "equivalence.tmp.json"
-    eq_methods = ",".join(dict.fromkeys(m for m in ("backprop", main_method) if m in methods))
+    eq_methods = (
+        "backprop" if dry else ",".join(dict.fromkeys(m for m in ("backprop", main_method) if m in methods))
+    )
     rc, sec = run_stage(log, "equivalence", [sys.executable, str(ROOT / "scripts" / "engine_equivalence.py"),
-                        "--device", "cpu" if dry else "cuda", "--methods", eq_methods, "--json", str(eq_json)],
-                        90)  # fmt: skip
+                        "--device", "cpu" if dry else "cuda", "--methods", eq_methods, "--json", str(eq_json),
+                        "--images", "100" if dry else "485"],
+                        75)  # fmt: skip
     checks["equivalence"] = json.loads(eq_json.read_text()) if eq_json.is_file() else {"rc": rc}
     eq_json.unlink(missing_ok=True)
     checks["equivalence_s"] = sec
     save_checks()
 
-    # 2. The bench.
-    sizes = (["--width", "0.05", "--input", "1x16x16", "--batch", "16", "--steps", "1", "--repeats", "1",
+    # 2. The bench: engine modes of the main method first (they decide the paper run), then the others.
+    sizes = (["--width", "0.1", "--input", "1x16x16", "--batch", "16", "--steps", "1", "--repeats", "1",
               "--warmup", "0", "--eval-steps", "1", "--device", "cpu"] if dry else
-             ["--batch", "128", "--steps", "40", "--repeats", "3", "--warmup", "1", "--eval-steps", "4",
+             ["--batch", "128", "--steps", "30", "--repeats", "3", "--warmup", "1", "--eval-steps", "2",
               "--eval-batch", "512", "--device", "cuda"])  # fmt: skip
-    bench_cmd = [*CLI, "bench", "--methods", bench_methods(methods, dry), *sizes, "--out", str(out / "bench"),
-                 "--note", "lent GPU machine, one-shot scripts/gpu_check.py run"]  # fmt: skip
-    budget_left = args.budget - elapsed()
-    rc, sec = run_stage(log, "bench", bench_cmd, min(args.bench_budget, max(budget_left - 120, 30)))
-    checks["bench_s"], checks["bench_rc"] = sec, rc
-    bench_rows = read_bench(out)
-    mode = {} if dry else fastest_mode(bench_rows, checks["equivalence"], main_method)
+    note = ["--note", "lent GPU machine, one-shot scripts/gpu_check.py run"]
+    stages = [("bench_modes", mode_rows(main_method, dry), args.bench_budget * 0.5)]
+    if method_rows(methods, main_method):
+        stages.append(("bench", method_rows(methods, main_method), args.bench_budget * 0.5))
+    for name, rows, budget in stages:
+        cmd = [*CLI, "bench", "--methods", rows, *sizes, "--out", str(out / name), *note]
+        rc, sec = run_stage(log, name, cmd, min(budget, max(args.budget - elapsed() - 150, 20)))
+        checks[f"{name}_s"], checks[f"{name}_rc"] = sec, rc
+        save_checks()
+    mode = {} if dry else fastest_mode(read_bench(out / "bench_modes"), checks["equivalence"], main_method)
     checks["paper_run_mode"] = mode
     save_checks()
 
@@ -222,7 +232,7 @@ def main() -> int:
     for key, value in mode.items():
         train_cmd += ["-s", f"{key}={value}"]
     if dry:
-        train_cmd += ["--device", "cpu", "--width", "0.05", "--subset", "256", "--test-subset", "128",
+        train_cmd += ["--device", "cpu", "--width", "0.1", "--subset", "256", "--test-subset", "128",
                       "-s", "data.val_subset=128", "-s", "data.image_size=16", "--epochs", "3",
                       "--batch-size", "64", "-s", "train.eval_batch_size=128"]  # fmt: skip
     rc, sec = run_stage(log, "paper", train_cmd, limit + startup + margin - 5)

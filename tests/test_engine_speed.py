@@ -45,7 +45,18 @@ def test_evaluation_batches_are_the_split_in_order():
     assert torch.equal(torch.cat(ys), torch.arange(9))
 
 
-@pytest.mark.parametrize("method", list_methods())
+#: known host reads, each a method's own choice (the engine adds none); strict: a fix makes the test say so
+HOST_READS = {
+    "cafo": "calibration epoch: BatchNorm with momentum=None computes 1/num_batches_tracked on the host "
+    "(3 reads per step in CaFo's first epoch)",
+}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=pytest.mark.xfail(reason=HOST_READS[m], strict=True)) if m in HOST_READS else m
+     for m in list_methods()],
+)  # fmt: skip
 def test_a_training_step_reads_nothing_back_to_the_host(method, tiny_config):
     # .item(), bool(tensor), nonzero, ... inside the layer loop would stall a GPU once per unit per batch.
     trainer = Trainer(tiny_config(method), write_result=False)
@@ -53,6 +64,8 @@ def test_a_training_step_reads_nothing_back_to_the_host(method, tiny_config):
     weights = trainer.method.loss_weights(0)
     active = [u.optimizer is not None and u.unit.trainable_at(0) for u in trainer.units]
     trainer.net.train()
+    for unit in trainer.net.units:  # as train_epoch does: per-epoch schedules are part of the step
+        unit.on_epoch_start(0)
     for step in range(2):  # the second step too: optimiser state exists by then
         with HostReadCounter() as reads:
             trainer.step(
