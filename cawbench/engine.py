@@ -2,8 +2,21 @@
 
 Per mini-batch every unit runs forward on its detached input, its weighted local loss is backpropagated
 inside the unit only, its optimiser steps, and its output (computed before the update) feeds the next
-unit. Loss terms and accuracies accumulate on the device and are read once per epoch, so there is no
-host synchronisation inside the layer loop.
+unit (:class:`BatchStep`, the one code path that training and ``cawbench bench`` share). Loss terms and
+accuracies accumulate on the device and are read once per epoch, so there is no host synchronisation
+inside the layer loop. The data stay on the training device; order and augmentation draws move there once
+per epoch. On CUDA: bf16 autocast, channels_last, cuDNN autotuning and fused optimisers by default.
+
+Execution modes, all with the sequential maths (tests/test_parallel.py checks parameters bit for bit):
+
+- ``train.parallel=off`` (default): units one after the other.
+- ``train.parallel=pipeline``: layer-parallel; unit l works on batch b while unit l+1 works on batch b-1
+  (:class:`PipelineRunner`: every unit on its own CUDA stream; on the CPU the same wavefront in one
+  thread, or ``train.pipeline_threads=N`` single-threaded workers over FLOP-balanced unit groups).
+- ``train.cuda_graph=true`` (CUDA): the whole training step captured once per epoch and replayed
+  (:class:`GraphedSteps`); with the pipeline, its steady-state ticks are captured instead.
+- ``train.compile=true``: ``torch.compile`` of every unit (static shapes).
+- ``train.time_limit_s``: stop after the epoch that would overrun; the result row says ``truncated``.
 """
 
 from __future__ import annotations
