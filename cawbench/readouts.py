@@ -93,18 +93,21 @@ def sip_select(
 
     Scan the end layer E in the outer loop and the start S <= E in the inner loop, both ascending, and keep
     a range only if it is strictly better: ties go to the smallest E, then the smallest S. With no held-out
-    data the initial range is kept.
+    data the initial range is kept. Ranges are compared by their integer count of correct predictions
+    (read from the device in one transfer), so equal accuracies are exactly equal.
     """
     n = val_scores.shape[0]
     best = (_resolve(initial[0], n), _resolve(initial[1], n), float("-inf"))
     if len(labels) == 0:
         return best
-    for end in range(n):
-        for start in range(end + 1):
-            summed = val_scores[start : end + 1].sum(0)
-            acc = (summed.argmax(-1) == labels).float().mean().item()
-            if acc > best[2]:
-                best = (start, end, acc)
+    ranges = [(start, end) for end in range(n) for start in range(end + 1)]  # the scan order
+    correct = torch.stack(
+        [(val_scores[s : e + 1].sum(0).argmax(-1) == labels).sum() for s, e in ranges]
+    ).tolist()
+    best_count = -1
+    for (start, end), count in zip(ranges, correct, strict=True):
+        if count > best_count:
+            best_count, best = count, (start, end, count / len(labels))
     return best
 
 

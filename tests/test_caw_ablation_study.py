@@ -1,0 +1,92 @@
+"""studies/caw_ablation.yaml: every variant resolves at every scale; the ladder adds one component per rung
+and ends at caw_conv; each "minus" variant differs from caw_conv in the component it names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cawbench.config import flatten
+from cawbench.method import resolve_config
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "studies" / "caw_ablation.yaml"
+SPEC = yaml.safe_load(SPEC_PATH.read_text())
+LADDER = ["deeperforward"] + sorted(v for v in SPEC["variants"] if v.startswith("ladder"))
+#: what may differ between runs of one configuration without changing its training
+LABELS = {"method", "variant"}
+
+
+def resolve(variant: str, scale: str):
+    """The study runner's order: base -> variant label -> scale -> the variant's overrides."""
+    return resolve_config(
+        SPEC["base"], {"variant": variant}, SPEC["scales"][scale], SPEC["variants"][variant]
+    )
+
+
+def flat(cfg) -> dict:
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in LABELS}
+
+
+def test_spec_has_the_schema_keys_and_its_reference_is_a_variant():
+    assert set(SPEC) == {"name", "description", "base", "scales", "variants", "reference", "seeds",
+                         "objective", "sampler", "pruner"}  # fmt: skip
+    assert SPEC["name"] == "caw_ablation" and SPEC["reference"] in SPEC["variants"]
+    assert SPEC["objective"]["metric"].endswith("val_acc")  # model selection never sees test
+
+
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+def test_every_variant_resolves_to_a_valid_config(scale):
+    for variant, overrides in SPEC["variants"].items():
+        cfg = resolve(variant, scale)
+        assert cfg.variant == variant
+        assert cfg.method == overrides.get("method", SPEC["base"]["method"])
+        assert cfg.data.name == "fashion-mnist" and cfg.recipe == "paper"
+        if scale == "cpu":
+            assert cfg.model.width == 0.2 and cfg.train.epochs == 2 and cfg.data.subset == 6000
+        else:
+            assert cfg.train.epochs == 150 and cfg.data.val_size == 10_000
+
+
+def test_ladder_adds_one_component_per_rung_and_ends_at_caw_conv():
+    caw = flat(resolve("caw_conv", "paper"))
+    previous = flat(resolve("deeperforward", "paper"))
+    assert len(LADDER) == 13
+    for before, rung in zip(LADDER, LADDER[1:], strict=False):
+        overrides, earlier = SPEC["variants"][rung], SPEC["variants"][before]
+        assert set(earlier).issubset(overrides), f"{rung} drops a component of {before}"
+        current = flat(resolve(rung, "paper"))
+        changed = {k for k in current if current[k] != previous[k]}
+        assert changed, f"{rung} changes nothing"
+        assert all(current[k] == caw[k] for k in changed), f"{rung} moves away from caw_conv: {changed}"
+        previous = current
+    assert previous == caw, {k: (previous[k], caw[k]) for k in caw if previous[k] != caw[k]}
+
+
+MINUS = {
+    "minus_entropy": {"params.lambda_entropy"},
+    "minus_ortho": {"params.lambda_ortho"},
+    "minus_entropy_ortho": {"params.lambda_entropy", "params.lambda_ortho"},
+    "minus_learnable_assignment": {"params.assignment"},
+    "minus_mix_pooling": {"params.pooling"},
+    "minus_instance_norm": {"params.norm"},
+    "minus_label_smoothing": {"params.label_smoothing"},
+    "minus_grad_clip": {"optim.grad_clip"},
+    "minus_lcs": {"readout.name"},
+}
+
+
+def test_each_minus_variant_switches_off_exactly_its_component():
+    caw = flat(resolve("caw_conv", "paper"))
+    assert set(MINUS) == {v for v in SPEC["variants"] if v.startswith("minus_")}
+    for variant, keys in MINUS.items():
+        cfg = flat(resolve(variant, "paper"))
+        assert {k for k in cfg if cfg[k] != caw[k]} == keys, variant
+
+
+def test_references_use_their_own_paper_recipes():
+    df = resolve("deeperforward", "paper")
+    assert df.params.assignment == "fixed" and df.readout.name == "sip" and df.optim.lr_min == 0.008
+    bp = resolve("backprop", "cpu")
+    assert bp.method == "backprop" and bp.model.width == 0.2 and bp.model.arch == "resnet17"
