@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The quickstart study (all seven methods on Fashion-MNIST, cpu scale) and its report.
 demo: $(STAMP)
-	$(BIN)/cawbench train --method backprop --dataset fashion-mnist --width 0.25 --epochs 1 \
-	  --subset 10000 --out-dir runs/demo
+	$(BIN)/cawbench study run quickstart --scale cpu --out-dir runs/quickstart
+	$(BIN)/cawbench report quickstart --scale cpu --out-dir runs/quickstart --out reports/quickstart-cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

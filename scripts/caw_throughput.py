@@ -19,7 +19,7 @@ from cawbench.engine import Trainer
 from cawbench.method import resolve_config
 
 
-def trainer(method: str, width: float, batches: int, device: str) -> Trainer:
+def trainer(method: str, width: float, batches: int, device: str, channels_last: bool = False) -> Trainer:
     cfg = resolve_config(
         {
             "method": method,
@@ -34,7 +34,11 @@ def trainer(method: str, width: float, batches: int, device: str) -> Trainer:
             "train.checkpoint": False,
         }
     )
-    return Trainer(cfg, write_result=False)
+    t = Trainer(cfg, write_result=False)
+    if channels_last and not t.channels_last:  # the engine uses channels_last on CUDA only: try it on CPU
+        t.channels_last = True
+        t.net.to(memory_format=torch.channels_last)
+    return t
 
 
 def main() -> None:
@@ -47,11 +51,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last on CPU as well")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for width in args.widths:
-        trainers = {m: trainer(m, width, args.batches, args.device) for m in args.methods}
+        trainers = {m: trainer(m, width, args.batches, args.device, args.channels_last) for m in args.methods}
         rates: dict[str, list[float]] = {m: [] for m in args.methods}
         for round_index in range(args.rounds + 1):
             for method, t in trainers.items():

@@ -9,27 +9,19 @@ import pytest
 import yaml
 
 from cawbench.config import flatten
-from cawbench.method import resolve_config
+from cawbench.studies.spec import load_spec
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "studies" / "caw_ablation.yaml"
 SPEC = yaml.safe_load(SPEC_PATH.read_text())
+STUDY = load_spec(SPEC_PATH)  # the study runner's own parser and validation (resolves every configuration)
 LADDER = ["deeperforward"] + sorted(v for v in SPEC["variants"] if v.startswith("ladder"))
 #: what may differ between runs of one configuration without changing its training
 LABELS = {"method", "variant"}
 
 
-STUDY_KEYS = {"seeds", "n_trials", "variants"}  # study-level settings a scale may carry
-
-
-def config_keys(scale: dict) -> dict:
-    return {k: v for k, v in scale.items() if k not in STUDY_KEYS}
-
-
 def resolve(variant: str, scale: str):
-    """The study runner's order: base -> variant label -> scale -> the variant's overrides."""
-    return resolve_config(
-        SPEC["base"], {"variant": variant}, config_keys(SPEC["scales"][scale]), SPEC["variants"][variant]
-    )
+    """A trial's config as the study runner builds it: base -> variant label -> scale -> variant overrides."""
+    return STUDY.resolve(scale, variant, {}, seed=0)
 
 
 def flat(cfg) -> dict:
@@ -50,9 +42,12 @@ def test_every_variant_resolves_to_a_valid_config(scale):
         assert cfg.variant == variant
         assert cfg.method == overrides.get("method", SPEC["base"]["method"])
         assert cfg.data.name == "fashion-mnist" and cfg.recipe == "paper"
-        if scale == "cpu":
-            assert cfg.model.width == 0.2 and cfg.train.epochs == 2 and cfg.data.subset == 2000
-        else:
+        for key, value in STUDY.scales[scale].items():  # the scale's config keys reach every variant
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == value, (variant, key, node, value)
+        if scale == "paper":
             assert cfg.train.epochs == 150 and cfg.data.val_size == 10_000
 
 
@@ -96,4 +91,4 @@ def test_references_use_their_own_paper_recipes():
     df = resolve("deeperforward", "paper")
     assert df.params.assignment == "fixed" and df.readout.name == "sip" and df.optim.lr_min == 0.008
     bp = resolve("backprop", "cpu")
-    assert bp.method == "backprop" and bp.model.width == 0.2 and bp.model.arch == "resnet17"
+    assert bp.method == "backprop" and bp.model.width == 0.1 and bp.model.arch == "resnet17"

@@ -530,7 +530,7 @@ class _Builder:
             self.report.tables[name] = agg
             self.parts.append(
                 f"**{dataset}**: final-epoch test accuracy of each layer's own class scores, mean ± sd over "
-                "seeds (backprop is one unit: its single point is its head). _CSV: [tables/{_slug(name)}.csv](tables/{_slug(name)}.csv)_\n"
+                f"seeds (backprop is one unit: its single point is its head). _CSV: [tables/{_slug(name)}.csv](tables/{_slug(name)}.csv)_\n"
             )
             self.figure(name, figures.per_layer(frame, self.labels, self.fig_path(name)), name)
             made = True
