@@ -121,7 +121,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere | fp32 | bf16
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile each unit
-    parallel: str = "off"  # off | pipeline (layer-parallel, same maths as sequential)
+    parallel: str = "off"  # off | pipeline | streams (layer-parallel modes, same maths as sequential)
     pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
     fast_dropout: bool = True  # CPU: nn.Dropout masks drawn in bulk (same maths, another random stream)
@@ -138,7 +138,7 @@ class TrainConfig:
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
-        _check_choice("train.parallel", self.parallel, ("off", "pipeline"))
+        _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:

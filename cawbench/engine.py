@@ -126,6 +126,17 @@ class UnitState:
     clip: float | None
 
 
+def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_k w_k * term_k in float32 (weight-1 terms are not multiplied: fewer kernels per unit and step).
+    Weight-0 terms stay in: their zero gradient still reaches the optimiser (AdamW's decay and moments)."""
+    total = None
+    for k, v in terms.items():
+        w = weights.get(k, 1.0)
+        v = v.float() if w == 1.0 else w * v.float()
+        total = v if total is None else total + v
+    return total
+
+
 class StepStats:
     """Per-unit sums over an epoch, kept on the device and read once at its end (no host sync per step).
 
@@ -139,6 +150,9 @@ class StepStats:
 
     def add_terms(self, i: int, terms: dict[str, torch.Tensor]) -> None:
         sums = self.term_sums[i]
+        if sums.keys() == terms.keys() and len(terms) > 1:  # the usual case: one kernel for every term
+            torch._foreach_add_(list(sums.values()), [terms[k].detach().float() for k in sums])
+            return
         for k, v in terms.items():
             v = v.detach().float()
             if k in sums:
@@ -172,9 +186,14 @@ class BatchStep:
         bf16: bool,
         *,
         autocast_cache: bool = True,
+        overlap: bool = False,
     ) -> None:
         self.method, self.net, self.units, self.device, self.bf16 = method, net, units, device, bf16
         self.autocast_cache = autocast_cache
+        # train.parallel=streams on CUDA: every unit on its own stream (see __call__)
+        self.streams = (
+            [torch.cuda.Stream(device) for _ in units] if overlap and device.type == "cuda" else None
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.bf16, self.autocast_cache)
@@ -195,14 +214,21 @@ class BatchStep:
         active: list[bool],
         stats: StepStats,
         hook: UnitHook | None = None,
+        ready: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Train unit ``i`` on ``h``; return the next unit's (detached) input and the running shortcut."""
+        """Train unit ``i`` on ``h``; return the next unit's (detached) input and the running shortcut.
+        ``ready``: a CUDA event recorded as soon as that input exists (before this unit's backward)."""
         state = self.units[i]
         with hook(i) if hook is not None else contextlib.nullcontext(), self._autocast():
             out = state.unit(h)
+            # The next unit's input is ready now (computed before this unit's update): hand it over first,
+            # so that with per-unit streams the next unit's forward overlaps this unit's backward.
+            passed = self.net.advance(i, out.passed, shortcut)
+            if ready is not None:
+                ready.record()
             terms = state.unit.local_losses(out, y, ctx) if active[i] else {}
         if terms:
-            loss = sum(weights.get(k, 1.0) * v.float() for k, v in terms.items())
+            loss = weighted_sum(terms, weights)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if state.clip is not None:
@@ -211,7 +237,7 @@ class BatchStep:
             stats.add_terms(i, terms)
         if out.scores is not None:
             stats.add_scores(i, out.scores, y)
-        return self.net.advance(i, out.passed, shortcut)
+        return passed
 
     def __call__(
         self,
@@ -223,9 +249,37 @@ class BatchStep:
         stats: StepStats,
         hook: UnitHook | None = None,
     ) -> None:
+        if self.streams is not None:
+            return self._overlapped(x, y, ctx, weights, active, stats, hook)
         h, shortcut = self.start(x, y), None
         for i in range(len(self.units)):
             h, shortcut = self.unit(i, h, shortcut, y, ctx, weights, active, stats, hook)
+        return None
+
+    def _overlapped(self, x, y, ctx, weights, active, stats, hook) -> None:
+        """Every unit on its own CUDA stream: unit i+1 waits only for unit i's forward (an event), so its
+        forward runs while unit i does its loss, backward, clipping and update. Each unit's stream keeps
+        its steps in order, so unit i's next forward still sees its updated weights: the sequential maths,
+        with the small kernels of neighbouring units in flight together (once launched from a CUDA graph,
+        the device runs the chain of forwards while the updates trail behind)."""
+        origin = torch.cuda.current_stream(self.device)
+        h, shortcut = self.start(x, y), None
+        wait: Any = origin
+        for i, stream in enumerate(self.streams):
+            if isinstance(wait, torch.cuda.Stream):
+                stream.wait_stream(wait)
+            else:
+                stream.wait_event(wait)
+            with torch.cuda.stream(stream):
+                for t in (h, shortcut, y):
+                    if t is not None:
+                        t.record_stream(stream)  # made on another stream, freed on this one
+                ready = torch.cuda.Event()
+                h, shortcut = self.unit(i, h, shortcut, y, ctx, weights, active, stats, hook, ready)
+            wait = ready
+        for stream in self.streams:
+            origin.wait_stream(stream)
+        return None
 
 
 @dataclasses.dataclass
@@ -643,7 +697,13 @@ class Trainer:
         self.cuda_graph = _check_cuda_graph(cfg, self.device)
         self.units = [self._unit_state(u) for u in self.net.units]
         self.step = BatchStep(
-            self.method, self.net, self.units, self.device, self.bf16, autocast_cache=not self.cuda_graph
+            self.method,
+            self.net,
+            self.units,
+            self.device,
+            self.bf16,
+            autocast_cache=not self.cuda_graph,
+            overlap=cfg.train.parallel == "streams",
         )
         self.graphed = None
         self.pipeline = None

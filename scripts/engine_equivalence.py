@@ -60,13 +60,17 @@ def main() -> int:
     p.add_argument("--images", type=int, default=485, help="training images (485: 30 batches of 16 and 5)")
     args = p.parse_args()
     methods = list_methods() if args.methods == "all" else args.methods.split(",")
-    modes = {"pipeline": ({"train.parallel": "pipeline"}, None)}
+    modes = {
+        "pipeline": ({"train.parallel": "pipeline"}, None),
+        "streams": ({"train.parallel": "streams"}, None),
+    }
     if args.device == "cpu":
         modes["replayed_graph"] = ({}, "steps")
         modes["replayed_pipeline_graph"] = ({"train.parallel": "pipeline"}, "pipeline")
     if args.device.startswith("cuda"):
         modes["cuda_graph"] = ({"train.cuda_graph": True}, None)
         modes["pipeline_graph"] = ({"train.parallel": "pipeline", "train.cuda_graph": True}, None)
+        modes["streams_graph"] = ({"train.parallel": "streams", "train.cuda_graph": True}, None)
     report: dict[str, dict[str, object]] = {}
     for method in methods:
         report[method] = {}

@@ -125,3 +125,17 @@ def test_captured_pipeline_ticks_give_the_same_parameters_as_sequential(tiny_con
         assert torch.equal(a, b)
     for mine, theirs in zip(records, seq.records, strict=True):
         assert mine["train_loss"] == theirs["train_loss"] and mine["train_acc"] == theirs["train_acc"]
+
+
+def test_streams_mode_gives_the_same_parameters_as_sequential(tiny_config):
+    # parallel=streams hands each unit's output on before its backward (per-unit CUDA streams; on the CPU
+    # the same reordered code runs in one stream): the same updates as the sequential mode.
+    with registered() as method:
+        common = dict(model__arch="resnet17", model__width=0.04, train__batch_size=40, data__subset=150,
+                      train__epochs=2, train__seed=7)  # fmt: skip
+        seq = _train(tiny_config(method, **common))
+        streams = _train(tiny_config(method, train__parallel="streams", **common))
+    for a, b in zip(seq.net.parameters(), streams.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for mine, theirs in zip(streams.records, seq.records, strict=True):
+        assert mine["train_loss"] == theirs["train_loss"]
