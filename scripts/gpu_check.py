@@ -6,7 +6,8 @@ result is copied under ``--out`` (at most 8 files, at most 2 folders deep):
 
     log.txt            everything printed by every stage (nvidia-smi and versions first)
     checks.json        environment; eager vs CUDA-graph and sequential vs pipeline equality; per-stage
-                       timings; the paper run's mode, epochs, s/epoch and projected 150-epoch time
+                       timings; the top kernels of one training step (scripts/gpu_profile.py); the paper
+                       run's mode, epochs, s/epoch and projected 150-epoch time
     bench_modes/<gpu>.md (+ .csv)   CAW-Conv and backprop in each engine mode (eager, per-unit streams,
                        CUDA graph, both, captured pipeline), run first: it decides the paper run's mode
     bench/<gpu>.md (+ .csv)         every other method beside its backprop reference
@@ -223,6 +224,16 @@ def main() -> int:
         save_checks()
     mode = {} if dry else fastest_mode(read_bench(out / "bench_modes"), checks["equivalence"], main_method)
     checks["paper_run_mode"] = mode
+    save_checks()
+
+    # 2b. Where the device time of one eager training step goes (top kernels; the graph replays them).
+    prof_json = out / "profile.tmp.json"
+    prof_cmd = [sys.executable, str(ROOT / "scripts" / "gpu_profile.py"), "--method", main_method,
+                "--json", str(prof_json), *(["--device", "cpu", "--width", "0.1", "--batch", "16", "--input",
+                "16", "--steps", "1"] if dry else ["--device", "cuda"])]  # fmt: skip
+    rc, sec = run_stage(log, "profile", prof_cmd, 45)
+    checks["profile"] = json.loads(prof_json.read_text()) if prof_json.is_file() else {"rc": rc}
+    prof_json.unlink(missing_ok=True)
     save_checks()
 
     # 3. CAW-Conv's paper recipe on Fashion-MNIST for as long as the budget allows.
