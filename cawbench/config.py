@@ -124,7 +124,8 @@ class TrainConfig:
     parallel: str = "off"  # off | pipeline | streams (layer-parallel modes, same maths as sequential)
     pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
-    fast_dropout: bool = True  # CPU: nn.Dropout masks drawn in bulk (same maths, another random stream)
+    fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
+    keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
     fused_optimizer: bool = True  # on accelerators (not the CPU): fused Adam/AdamW/SGD kernels, same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
@@ -176,7 +177,7 @@ class RunConfig:
         d["train"].pop("progress", None)
         d["train"].pop("checkpoint", None)
         # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
-        for key in ("cuda_graph", "fused_optimizer", "time_limit_s", "pipeline_threads"):
+        for key in ("cuda_graph", "fused_optimizer", "time_limit_s", "pipeline_threads", "keep_cpu_memory"):
             d["train"].pop(key, None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -43,6 +43,7 @@ from torch import nn
 from cawbench.archs import ArchPlan, LayerSpec, build_plan
 from cawbench.config import ConfigError, ModelConfig
 from cawbench.data import DataInfo
+from cawbench.fast_dropout import BulkDropout, bulk_uniform, keep_threshold
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput
 
 ASSIGNMENTS = ("fixed", "learnable")
@@ -196,6 +197,67 @@ def pooled_activity(y: torch.Tensor, cfg: ChannelwiseConfig) -> torch.Tensor:
     return _MixPool.apply(flat, cfg.pool_mean, cfg.pool_max, cfg.pool_min)
 
 
+class _FusedActivity(torch.autograd.Function):
+    """ReLU, dropout and pooling of a conv output z in one autograd node (the CPU training path).
+
+    Forward: y = scale * ReLU(z) where the draw u > threshold, else 0; pooled as :func:`pooled_activity`.
+    Backward: dL/dz = scale * [y > 0] * dL/dy, with dL/dy the pooling's gradient (a/HW everywhere, plus b and
+    -d at the first maximal and minimal positions), in one ``threshold_backward`` pass plus two [B, C]
+    scatters. ``y > 0`` is exactly "z > 0 and kept", so y is the only full-size tensor saved; the unfused
+    chain (ReLU, dropout's boolean select, :class:`_MixPool`) makes ~6 full passes here and saves two.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: torch.Tensor, u: torch.Tensor, threshold: float, scale: float, coef: tuple[float, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # z where kept, else 0, written over the draws u (fresh full-size memory costs a page-fault pass)
+        y = torch.ops.aten.threshold_backward.grad_input(z, u, threshold, grad_input=u)
+        y.clamp_min_(0).mul_(scale)
+        flat = y.flatten(2)
+        a, b, d = coef
+        if b == 0 and d == 0:
+            pooled = flat.mean(-1) if a == 1 else a * flat.mean(-1)
+            ctx.save_for_backward(y)
+        else:
+            high, at_high = flat.max(-1)
+            low, at_low = flat.min(-1)
+            pooled = a * flat.mean(-1) + b * high - d * low
+            ctx.save_for_backward(y, at_high, at_low, high > 0, low > 0)
+        ctx.scale, ctx.coef = scale, coef
+        ctx.mark_non_differentiable(y)
+        return pooled, y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _grad_y: Any) -> tuple[torch.Tensor, None, None, None, None]:
+        y, *extremes = ctx.saved_tensors
+        a, b, d = ctx.coef
+        flat = y.flatten(2)
+        spread = grad * (ctx.scale * a / flat.shape[-1])
+        grad_z = torch.ops.aten.threshold_backward(spread.unsqueeze(-1).expand(flat.shape), flat, 0)
+        if extremes:
+            at_high, at_low, high_live, low_live = extremes
+            # a ReLU'd or dropped extreme (y = 0) passes no gradient, as the mask above would do
+            grad_z.scatter_add_(-1, at_high.unsqueeze(-1), (grad * (ctx.scale * b) * high_live).unsqueeze(-1))
+            grad_z.scatter_add_(-1, at_low.unsqueeze(-1), (grad * (-ctx.scale * d) * low_live).unsqueeze(-1))
+        return grad_z.view(y.shape), None, None, None, None
+
+
+def _fusable(z: torch.Tensor) -> bool:
+    """The fused path draws float32 uniforms on the CPU (bf16 draws would round p to 1/128)."""
+    return z.device.type == "cpu" and z.dtype == torch.float32
+
+
+def fused_activity(
+    z: torch.Tensor, dropout: BulkDropout, cfg: ChannelwiseConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled [B, C], y) of a conv output z, as ``pooled_activity(dropout(relu(z)), cfg)`` and that y, with
+    the same random draws as ``dropout`` (a :class:`BulkDropout` in training mode, on the CPU)."""
+    u = bulk_uniform(z.shape)
+    coef = (1.0, 0.0, 0.0) if cfg.pooling == "mean" else (cfg.pool_mean, cfg.pool_max, cfg.pool_min)
+    return _FusedActivity.apply(z, u, keep_threshold(dropout.p), 1.0 / (1.0 - dropout.p), coef)
+
+
 # --------------------------------------------------------------------------------- the unit
 class InputLayerNorm(nn.Module):
     """Per-sample LayerNorm over (C, H, W), no affine: the preprocessing before layer 0 (spec 1(c), 2(b)7)."""
@@ -218,6 +280,9 @@ class ChannelwiseUnit(LocalUnit):
         if cfg.conv_init == "kaiming":
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         self.dropout = nn.Dropout(cfg.dropout)
+        # With the engine's CPU BulkDropout in place, training takes the one-node ReLU-dropout-pooling path
+        # (_FusedActivity: same outputs, same draws); False forces the unfused chain (tests, A/B benches).
+        self.fused = True
         self.learnable = cfg.assignment == "learnable"
         if self.learnable:
             self.assignment_logits = nn.Parameter(torch.full((channels, num_classes), cfg.assignment_init))
@@ -251,9 +316,13 @@ class ChannelwiseUnit(LocalUnit):
             x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
         elif self.spec.pool_before == "max":
             x = F.max_pool2d(x, 2, 2, ceil_mode=True)
-        y = self.dropout(F.relu(self.conv(x), inplace=True))  # the conv does not keep its output
+        z = self.conv(x)  # the conv does not keep its output: ReLU may overwrite it
+        if self.fused and self.training and isinstance(self.dropout, BulkDropout) and _fusable(z):
+            pooled, y = fused_activity(z, self.dropout, self.cfg)
+        else:
+            y = self.dropout(F.relu(z, inplace=True))
+            pooled = pooled_activity(y, self.cfg)
         assignment = self.assignment()
-        pooled = pooled_activity(y, self.cfg)
         scores = pooled @ assignment.to(pooled.dtype)
         if self.score_scale != 1.0:
             scores = scores * self.score_scale

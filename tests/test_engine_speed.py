@@ -117,3 +117,14 @@ def test_engine_swaps_plain_dropout_on_cpu_only_when_asked(tiny_config):
 
     assert BulkDropout in kinds(tiny_config("caw_conv")) and nn.Dropout not in kinds(tiny_config("caw_conv"))
     assert nn.Dropout in kinds(tiny_config("caw_conv", train__fast_dropout=False))
+
+
+def test_cpu_trainer_keeps_freed_memory_and_the_switch_leaves_the_hash(tiny_config):
+    import platform
+
+    from cawbench.engine import keep_freed_cpu_memory
+
+    # glibc accepts both settings (mallopt returns 1); elsewhere the call is a no-op that says False
+    assert keep_freed_cpu_memory() is (platform.libc_ver()[0] == "glibc")
+    off = tiny_config(train__keep_cpu_memory=False)
+    assert off.config_hash() == tiny_config().config_hash()  # an engine knob, not the maths
