@@ -126,7 +126,7 @@ class TrainConfig:
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
     fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
     keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
-    fused_optimizer: bool = True  # on accelerators (not the CPU): fused Adam/AdamW/SGD kernels, same rule
+    fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
     checkpoint: bool = True

@@ -1,6 +1,7 @@
 """Interleaved A/B timing of engine variants on one method (shared, noisy cores: compare ratios).
 
-usage: python scripts/ab_engine.py --method caw_conv --width 0.4 --rounds 5 --variants base,pipe2,standin_caw:base
+usage: python scripts/ab_engine.py --method caw_conv --width 0.4 --rounds 5 --variants base,fastdrop,fusedact,standin_caw:base
+(keep_cpu_memory is process-wide: time "fused" and the other variants that keep it on in their own run)
 (standin_caw = scripts/standin.py: the spec's CAW layer written the plain way, i.e. the authors' loop shape)
 Each round times one engine epoch of --steps batches of every variant in turn, so load changes hit all alike;
 reported per step.
@@ -21,10 +22,14 @@ from cawbench.bench import random_data  # noqa: E402
 from cawbench.engine import Trainer  # noqa: E402
 from cawbench.method import list_methods, resolve_config  # noqa: E402
 
+NO_KEEP = {"train.keep_cpu_memory": False}
 VARIANTS = {  # name -> (config overrides, channels_last on this device)
-    "base": ({"train.fused_optimizer": False, "train.fast_dropout": False}, False),
-    "fastdrop": ({}, False),
-    "fused": ({}, False),
+    # the CPU work step by step: plain PyTorch chain -> bulk dropout draws -> fused ReLU-dropout-pooling
+    # node -> glibc keeping freed memory (the defaults)
+    "base": ({"train.fused_optimizer": False, "train.fast_dropout": False, **NO_KEEP}, False),
+    "fastdrop": (NO_KEEP, False),  # units unfused (see UNFUSED)
+    "fusedact": (NO_KEEP, False),
+    "fused": ({}, False),  # every default on
     "cl": ({"train.fused_optimizer": False}, True),
     "fused_cl": ({}, True),
     "compile": ({"train.compile": True}, False),
@@ -39,15 +44,21 @@ VARIANTS = {  # name -> (config overrides, channels_last on this device)
     ),
     "compile_t1": ({"train.compile": True}, False),
 }
+UNFUSED = {"fastdrop"}  # channel-wise units forced onto the unfused ReLU -> dropout -> pooling chain
 THREADS = {"t1": 1, "fused_t1": 1, "compile_t1": 1}
 
 
-def build(method: str, width: float, batch: int, steps: int, overrides: dict, channels_last: bool) -> Trainer:
+def build(
+    method: str, width: float, batch: int, steps: int, overrides: dict, channels_last: bool, unfused: bool
+) -> Trainer:
     layer = {"method": method, "model.width": width, "train.device": "cpu", "train.progress": False,
              "train.checkpoint": False, "train.batch_size": batch, **overrides}  # fmt: skip
     cfg = resolve_config(layer)
     data = random_data((1, 32, 32), 10, batch * steps, batch, torch.device("cpu"))
     trainer = Trainer(cfg, data=data, write_result=False)
+    if unfused:
+        for unit in trainer.net.units:
+            unit.fused = False
     if channels_last:
         trainer.channels_last = True
         trainer.net.to(memory_format=torch.channels_last)
@@ -61,9 +72,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="batches per timed epoch")
-    p.add_argument("--variants", default="base,fused")
+    p.add_argument("--variants", default="base,fastdrop,fusedact")
     args = p.parse_args()
     names = args.variants.split(",")
+    keeps = {VARIANTS[n.split(":")[-1]][0].get("train.keep_cpu_memory", True) for n in names}
+    if len(keeps) > 1:  # the first keeping trainer changes malloc for the whole process
+        sys.exit("train.keep_cpu_memory is process-wide: time variants with and without it in separate runs")
     trainers = {}
     for n in names:  # "variant" uses --method; "method:variant" names its own method
         method, variant = n.split(":") if ":" in n else (args.method, n)
@@ -71,7 +85,9 @@ def main() -> None:
             import standin
 
             standin.register()
-        trainers[n] = build(method, args.width, args.batch, args.steps, *VARIANTS[variant])
+        trainers[n] = build(
+            method, args.width, args.batch, args.steps, *VARIANTS[variant], variant in UNFUSED
+        )
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds + 1):
         for n, t in trainers.items():
