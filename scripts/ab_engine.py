@@ -10,8 +10,11 @@ reported per step.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import statistics
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -44,6 +47,14 @@ VARIANTS = {  # name -> (config overrides, channels_last on this device)
     ),
     "compile_t1": ({"train.compile": True}, False),
 }
+TITLE = """# Engine variants timed interleaved (scripts/ab_engine.py)
+
+Each block is one run of the command it names: every round times one engine epoch of each variant in turn.
+Variants: `base` the plain PyTorch chain (nn.Dropout, unfused ReLU/dropout/pooling, glibc's default malloc),
+`fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropout-pooling node, `fused` every default
+(+ glibc keeping freed memory, fused CPU AdamW); `standin_caw` is scripts/standin.py, the spec's CAW layer
+written the plain way. `train.keep_cpu_memory` is process-wide, so `fused` runs in its own process:
+compare its img/s with the block before it on idle cores (each header gives the load average)."""
 UNFUSED = {"fastdrop"}  # channel-wise units forced onto the unfused ReLU -> dropout -> pooling chain
 THREADS = {"t1": 1, "fused_t1": 1, "compile_t1": 1}
 
@@ -73,6 +84,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="batches per timed epoch")
     p.add_argument("--variants", default="base,fastdrop,fusedact")
+    p.add_argument(
+        "--out", help="append the result, with the command, date and hardware, to this markdown file"
+    )
     args = p.parse_args()
     names = args.variants.split(",")
     keeps = {VARIANTS[n.split(":")[-1]][0].get("train.keep_cpu_memory", True) for n in names}
@@ -98,14 +112,38 @@ def main() -> None:
                 times[n].append(seconds / args.steps)
             torch.set_num_threads(threads)
     base = statistics.median(times[names[0]])
-    print(f"{args.method} width {args.width} batch {args.batch}, {args.rounds} interleaved rounds")
+    lines = [f"{args.method} width {args.width} batch {args.batch}, {args.rounds} interleaved rounds"]
     for n in names:
         med = statistics.median(times[n])
         ratios = [times[names[0]][i] / times[n][i] for i in range(args.rounds)]
-        print(
-            f"  {n:<11} {args.batch / med:7.1f} img/s (median step {med:.2f} s)  speed-up vs {names[0]}: "
+        lines.append(
+            f"  {n:<20} {args.batch / med:7.1f} img/s (median step {med:.2f} s)  speed-up vs {names[0]}: "
             f"{base / med:.2f}x (per-round {min(ratios):.2f}..{max(ratios):.2f})"
         )
+    print("\n".join(lines))
+    if args.out:
+        write_markdown(Path(args.out), lines)
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    """Append one block: the command, date, hardware and versions, then the printed result."""
+    from cawbench.bench import describe_device
+    from cawbench.engine import _versions
+
+    v = _versions()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    header = [
+        f"- command: `{command}`",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S +0000')}",
+        f"- hardware: {describe_device(torch.device('cpu'))}; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"- versions: cawbench {v.get('cawbench')} (git {v.get('git', '?')}), torch {torch.__version__}",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        header = [TITLE, "", *header]
+    with path.open("a") as f:
+        f.write("\n".join(header) + "\n\n```\n" + "\n".join(lines) + "\n```\n\n")
 
 
 if __name__ == "__main__":
