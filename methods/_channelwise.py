@@ -204,14 +204,15 @@ class _FusedActivity(torch.autograd.Function):
     Backward: dL/dz = scale * [y > 0] * dL/dy, with dL/dy the pooling's gradient (a/HW everywhere, plus b and
     -d at the first maximal and minimal positions), in one ``threshold_backward`` pass plus two [B, C]
     scatters. ``y > 0`` is exactly "z > 0 and kept", so y is the only full-size tensor saved; the unfused
-    chain (ReLU, dropout's boolean select, :class:`_MixPool`) makes ~6 full passes here and saves two.
+    chain (ReLU, dropout's boolean select, :class:`_MixPool`) makes several more full passes and saves two
+    (ReLU's output and the keep mask). Timed in ``reports/bench/cpu-engine-ab.md`` (``fusedact``).
     """
 
     @staticmethod
     def forward(
         ctx: Any, z: torch.Tensor, u: torch.Tensor, threshold: float, scale: float, coef: tuple[float, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # z where kept, else 0, written over the draws u (fresh full-size memory costs a page-fault pass)
+        # z where kept, else 0, written over the draws u (no second full-size buffer)
         y = torch.ops.aten.threshold_backward.grad_input(z, u, threshold, grad_input=u)
         y.clamp_min_(0).mul_(scale)
         flat = y.flatten(2)
