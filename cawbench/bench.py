@@ -205,6 +205,19 @@ def parse_methods(text: str, available: list[str]) -> list[Entry]:
     return entries
 
 
+def check_process_wide(entries: list[Entry], args: argparse.Namespace) -> None:
+    """``train.keep_cpu_memory`` changes malloc for the whole process once any CPU trainer keeps memory, so
+    rows that differ in it cannot be told apart in one bench run: refuse such a mix."""
+    key = "train.keep_cpu_memory"
+    default = dict(parse_override(o) for o in args.set).get(key, True)
+    values = {bool(e.overrides.get(key, default)) for e in entries}
+    if len(values) > 1:
+        raise ConfigError(
+            f"rows differ in {key}, which is process-wide: bench the values in separate runs "
+            f"(e.g. --set {key}=false for all rows)"
+        )
+
+
 def bench_config(entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None):
     """The run config of one row: the method's defaults (or recipe), the bench's sizes, then overrides."""
     from cawbench.method import get_method, params_fields, recipe_overrides, resolve_config
@@ -527,6 +540,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     entries = parse_methods(args.methods, list_methods())
+    check_process_wide(entries, args)
     # Plain backprop rows first: they are the references of the rows after them.
     entries.sort(key=lambda e: not (e.method == REFERENCE and not e.overrides))
     device = resolve_device(args.device)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from local_units import registered
 from torch import nn
 
-from cawbench.bench import HostReadCounter, SavedTensorMeter, parameter_storages, parse_methods
+from cawbench.bench import (
+    HostReadCounter,
+    SavedTensorMeter,
+    check_process_wide,
+    parameter_storages,
+    parse_methods,
+)
 from cawbench.cli import main
 from cawbench.config import ConfigError, OptimConfig
 from cawbench.engine import BatchStep, StepStats, UnitState, make_optimizer
@@ -74,6 +80,15 @@ def test_parse_methods_with_row_overrides_and_errors():
     assert entries[1].overrides == {"train.parallel": "pipeline", "optim.lr": 0.5}
     with pytest.raises(ConfigError, match="unknown method 'nope'; valid methods: backprop, ff"):
         parse_methods("nope", ["backprop", "ff"])
+
+
+def test_rows_differing_in_a_process_wide_knob_are_refused(tmp_path, capsys):
+    rows = "backprop,backprop{train.keep_cpu_memory=false}"
+    assert main(["bench", "--methods", rows, "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "train.keep_cpu_memory, which is process-wide" in capsys.readouterr().err
+    assert not (tmp_path / "cpu.md").exists()  # refused before any work
+    entries = parse_methods("backprop,ff{train.keep_cpu_memory=false}", ["backprop", "ff"])
+    check_process_wide(entries, SimpleNamespace(set=["train.keep_cpu_memory=false"]))  # all false: fine
 
 
 def _bench(tmp_path, *extra: str) -> list[dict[str, str]]:
