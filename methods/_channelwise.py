@@ -433,6 +433,16 @@ def check_plan(plan: ArchPlan, model: ModelConfig, info: DataInfo, norm: str = "
 
 
 # --------------------------------------------------------------------------------- the method base
+#: recipe keys a channel-wise method also takes as its plain defaults (network, optimiser, readout)
+DEFAULT_KEYS = ("model.arch", "optim.name", "optim.lr", "optim.weight_decay", "optim.scheduler",
+                "optim.lr_min", "optim.grad_clip", "readout.name")  # fmt: skip
+
+
+def defaults_from(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A method's defaults: the network, optimiser and readout of its paper recipe, every readout logged."""
+    return {**{key: recipe[key] for key in DEFAULT_KEYS}, "readout.extra": ["sip", "lcs", "sum", "last"]}
+
+
 class ChannelwiseMethod(Method):
     """A stack of channel-wise units on a conv plan (ResNet-17, VGG-14/13, TinyCNN), with input LayerNorm."""
 

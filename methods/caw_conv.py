@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cawbench.method import register_method
-from cawbench.methods._channelwise import ChannelwiseConfig, ChannelwiseMethod
+from cawbench.methods._channelwise import ChannelwiseConfig, ChannelwiseMethod, defaults_from
 
 MIX_DEFAULT = {"params.pool_mean": 0.94, "params.pool_max": 0.06, "params.pool_min": 0.05}
 MIX_MNIST = {"params.pool_mean": 0.97, "params.pool_max": 0.03, "params.pool_min": 0.03}
@@ -134,17 +134,7 @@ class CAWConv(ChannelwiseMethod):
         "InstanceNorm, CE(ls) + entropy + ortho, LCS readout"
     )
     Config = CAWConvConfig
-    defaults = {
-        "model.arch": "resnet17",
-        "optim.name": "adamw",
-        "optim.lr": 0.08,
-        "optim.weight_decay": 5e-4,
-        "optim.scheduler": "cosine",
-        "optim.lr_min": 0.006,
-        "optim.grad_clip": 1.0,
-        "readout.name": "lcs",
-        "readout.extra": ["sip", "lcs", "sum", "last"],
-    }
+    defaults = defaults_from(RESNET)
     recipes = {
         "paper": {name: {**RESNET, **extra} for name, extra in RESNET_DATASETS.items()},
         "paper-chx3": {"cifar100": {**RESNET, **RESNET_DATASETS["cifar100"], "model.base_planes": 300}},

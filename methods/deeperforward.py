@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cawbench.method import register_method
-from cawbench.methods._channelwise import ChannelwiseConfig, ChannelwiseMethod
+from cawbench.methods._channelwise import ChannelwiseConfig, ChannelwiseMethod, defaults_from
 
 
 @dataclass(frozen=True)
@@ -96,16 +96,7 @@ DATASETS: dict[str, dict[str, Any]] = {
 class DeeperForward(ChannelwiseMethod):
     description = "DeeperForward (ICLR 2025): fixed channel groups, mean goodness, GroupNorm(K), CE, SIP"
     Config = DeeperForwardConfig
-    defaults = {
-        "model.arch": "resnet17",
-        "optim.name": "adamw",
-        "optim.lr": 0.08,
-        "optim.weight_decay": 5e-4,
-        "optim.scheduler": "cosine",
-        "optim.lr_min": 0.008,
-        "readout.name": "sip",
-        "readout.extra": ["sip", "lcs", "sum", "last"],
-    }
+    defaults = defaults_from(OPTIM)
     recipes = {
         "paper": {name: {**OPTIM, "params.dropout": 0.2, **extra} for name, extra in DATASETS.items()},
         "paper-chx3": {"cifar100": {**OPTIM, "params.dropout": 0.2, **DATASETS["cifar100"],

@@ -390,23 +390,23 @@ def _field(cfg, dotted: str):
     return node
 
 
-def _expect(cfg, expected: dict) -> None:
-    for key, value in expected.items():
-        assert _field(cfg, key) == value, (key, _field(cfg, key), value)
+def _mismatches(cfg, expected: dict) -> dict:
+    """{key: (resolved, expected)} for every expected value the config does not hold."""
+    return {k: (_field(cfg, k), v) for k, v in expected.items() if _field(cfg, k) != v}
 
 
 @pytest.mark.parametrize("dataset", sorted(CAW_PAPER))
 def test_caw_conv_paper_recipe_resolves_to_the_spec_numbers(dataset):
     cfg = resolve_config({"method": "caw_conv", "data.name": dataset, "recipe": "paper"})
-    _expect(cfg, {**CAW_COMMON, **CAW_PAPER[dataset], "data.augment": CAW_PAPER[dataset].get(
-        "data.augment", "none"), "model.base_planes": CAW_PAPER[dataset].get("model.base_planes")})  # fmt: skip
+    assert _mismatches(cfg, {**CAW_COMMON, **CAW_PAPER[dataset], "data.augment": CAW_PAPER[dataset].get(
+        "data.augment", "none"), "model.base_planes": CAW_PAPER[dataset].get("model.base_planes")}) == {}  # fmt: skip
 
 
 @pytest.mark.parametrize("dataset", sorted(DF_PAPER))
 def test_deeperforward_paper_recipe_resolves_to_the_spec_numbers(dataset):
     cfg = resolve_config({"method": "deeperforward", "data.name": dataset, "recipe": "paper"})
-    _expect(cfg, {**DF_COMMON, **DF_PAPER[dataset], "data.augment": DF_PAPER[dataset].get(
-        "data.augment", "none"), "model.base_planes": DF_PAPER[dataset].get("model.base_planes")})  # fmt: skip
+    assert _mismatches(cfg, {**DF_COMMON, **DF_PAPER[dataset], "data.augment": DF_PAPER[dataset].get(
+        "data.augment", "none"), "model.base_planes": DF_PAPER[dataset].get("model.base_planes")}) == {}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["caw_conv", "deeperforward"])
@@ -424,8 +424,9 @@ def test_caw_small_net_recipes_follow_spec_section_5():
     for recipe, arch in (("paper-vgg", "vgg13"), ("paper-tinycnn", "tinycnn")):
         for dataset in ("mnist", "fashion-mnist", "cifar10"):
             cfg = resolve_config({"method": "caw_conv", "data.name": dataset, "recipe": recipe})
-            _expect(cfg, {**CAW_COMMON, **MIX, "model.arch": arch, "optim.lr": 0.03, "optim.lr_min": 0.003,
-                          "data.image_size": None})  # fmt: skip
+            expected = {**CAW_COMMON, **MIX, "model.arch": arch, "optim.lr": 0.03, "optim.lr_min": 0.003,
+                        "data.image_size": None}  # fmt: skip
+            assert _mismatches(cfg, expected) == {}, (recipe, dataset)
 
 
 def test_paper_sized_networks_have_the_spec_parameter_counts():
