@@ -125,6 +125,7 @@ class TrainConfig:
     pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
     fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
+    cpu_conv: str = "tuned"  # CPU: tuned (conv kernels/layout picked by shape, cawbench.cpu_conv) | plain
     keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
@@ -140,6 +141,7 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
+        _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "plain"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
@@ -177,7 +179,14 @@ class RunConfig:
         d["train"].pop("progress", None)
         d["train"].pop("checkpoint", None)
         # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
-        for key in ("cuda_graph", "fused_optimizer", "time_limit_s", "pipeline_threads", "keep_cpu_memory"):
+        for key in (
+            "cuda_graph",
+            "fused_optimizer",
+            "time_limit_s",
+            "pipeline_threads",
+            "keep_cpu_memory",
+            "cpu_conv",
+        ):
             d["train"].pop(key, None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -42,6 +42,7 @@ from torch import nn
 
 import cawbench
 from cawbench.config import ConfigError, OptimConfig, RunConfig, save_yaml
+from cawbench.cpu_conv import swap_convs
 from cawbench.data import PreparedData, iterate_batches, prepare_data
 from cawbench.fast_dropout import swap_dropout
 from cawbench.method import LocalNetwork, Method, StepContext, get_method
@@ -699,6 +700,8 @@ class Trainer:
         self.net: LocalNetwork = self.method.build().to(self.device)
         if cfg.train.fast_dropout and self.device.type == "cpu":
             swap_dropout(self.net)  # same maths, bulk-drawn masks (see cawbench.fast_dropout)
+        if cfg.train.cpu_conv == "tuned" and self.device.type == "cpu":
+            swap_convs(self.net)  # same convolutions, kernels picked by shape (see cawbench.cpu_conv)
         if cfg.train.keep_cpu_memory and self.device.type == "cpu":
             keep_freed_cpu_memory()
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"

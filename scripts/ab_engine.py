@@ -125,8 +125,9 @@ def main() -> None:
         write_markdown(Path(args.out), lines)
 
 
-def write_markdown(path: Path, lines: list[str]) -> None:
-    """Append one block: the command, date, hardware and versions, then the printed result."""
+def write_markdown(path: Path, lines: list[str], title: str = TITLE, fenced: bool = True) -> None:
+    """Append one block: the command, date, hardware and versions, then the printed result (``title``
+    starts a new file; ``fenced=False`` for lines that are markdown already)."""
     from cawbench.bench import describe_device
     from cawbench.engine import _versions
 
@@ -141,9 +142,10 @@ def write_markdown(path: Path, lines: list[str]) -> None:
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        header = [TITLE, "", *header]
+        header = [title, "", *header]
+    body = "\n".join(lines)
     with path.open("a") as f:
-        f.write("\n".join(header) + "\n\n```\n" + "\n".join(lines) + "\n```\n\n")
+        f.write("\n".join(header) + "\n\n" + (f"```\n{body}\n```" if fenced else body) + "\n\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""Faster float32 convolutions for CPU training: the same convolution, its kernels picked by shape.
+
+On the CPU, oneDNN's speed depends a lot on the memory layout and on which of its kernels a shape lands on.
+Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, batch 128, ResNet-17 shapes):
+
+- the forward of a 32x32 map runs about 1.3x faster in channels_last (NHWC), even counting the conversion
+  of the input and output;
+- the weight gradient of a small output map (4x4 and below) is 2-3x faster written as a *forward*
+  convolution of the transposed tensors (batch and channels swapped; see :func:`weight_grad_transposed`)
+  than oneDNN's own weight-gradient kernel, which is poorly blocked for few positions and many channels;
+- the weight gradient of stride-1 maps of 8x8 and more is a little faster in NHWC.
+
+:class:`TunedConv2d` is an ``nn.Conv2d`` (same parameters and state dict) whose training forward and backward
+follow those rules; :func:`swap_convs` turns a network's plain convs into it (the engine does this on the CPU
+unless ``train.cpu_conv=plain``). The choice is a fixed function of the shape, never timed at run time, so
+runs stay bit-for-bit reproducible. The gradients are the same sums taken in another order: they agree with
+the plain conv's to float32 rounding (``tests/test_cpu_conv.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CPU_CONV_MODES = ("tuned", "plain")
+_NHWC = torch.channels_last
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """How one conv shape runs: the forward's layout and the weight gradient's kernel."""
+
+    forward: str = "nchw"  # nchw | nhwc
+    weight_grad: str = "native"  # native (oneDNN's, NCHW) | nhwc | transposed (a forward conv)
+
+
+PLAIN = ConvPlan()
+
+
+def plan_for(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> ConvPlan:
+    """The fixed rule (measured, see the module docstring); PLAIN where nothing was measured to help."""
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or conv.in_channels < 8:
+        return PLAIN
+    forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
+    if out_hw[0] * out_hw[1] <= 4 * 4:
+        weight_grad = "transposed"
+    elif conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8:
+        weight_grad = "nhwc"
+    else:
+        weight_grad = "native"
+    return ConvPlan(forward, weight_grad)
+
+
+def weight_grad_transposed(
+    x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> torch.Tensor:  # fmt: skip
+    """dW[o, i, a, b] = sum over n, h, w of dy[n, o, h, w] * x_pad[n, i, s*h + a, s*w + b], computed as a
+    forward convolution: x with batch and channels swapped ([I, N, H, W]) convolved with dy swapped the same
+    way ([O, N, Ho, Wo]) as the kernel, dilated by the stride. The result is [I, O, ...], cropped to the
+    kernel's size (a stride that does not divide the padded input leaves extra rows) and swapped back."""
+    out = F.conv2d(x.transpose(0, 1), grad_out.transpose(0, 1), padding=padding, dilation=stride)
+    return out[:, :, : kernel[0], : kernel[1]].transpose(0, 1).contiguous()
+
+
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, plan: ConvPlan
+):
+    if plan.forward == "nhwc":
+        x_nhwc = x.contiguous(memory_format=_NHWC)
+        w_nhwc = weight.contiguous(memory_format=_NHWC)
+        y = F.conv2d(x_nhwc, w_nhwc, bias, conv.stride, conv.padding).contiguous()
+        return y, x_nhwc
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding), x
+
+
+class _TunedConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv: nn.Conv2d, plan: ConvPlan):  # noqa: ANN001, ANN205
+        y, x_used = _forward(x, weight, bias, conv, plan)
+        # Keep one copy of the input: the NHWC one when the weight gradient wants it, else the caller's.
+        keep = x_used if plan.weight_grad == "nhwc" else x
+        ctx.save_for_backward(keep, weight)
+        ctx.conv, ctx.plan, ctx.has_bias = conv, plan, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        conv, plan = ctx.conv, ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
+        if need_x:  # backprop only; layer-local units detach their input
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, *args, [True, False, False]
+            )[0].contiguous()
+        if need_w:
+            if plan.weight_grad == "transposed":
+                grad_w = weight_grad_transposed(x, grad_out, conv.kernel_size, conv.stride, conv.padding)
+            elif plan.weight_grad == "nhwc":
+                grad_w = torch.ops.aten.convolution_backward(
+                    grad_out.contiguous(memory_format=_NHWC), x, weight.contiguous(memory_format=_NHWC),
+                    None, *args, [False, True, False],
+                )[1].contiguous()  # fmt: skip
+            else:
+                grad_w = torch.ops.aten.convolution_backward(
+                    grad_out, x, weight, None, *args, [False, True, False]
+                )[1]
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+class TunedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose float32 CPU forward and backward follow :func:`plan_for` (see the module
+    docstring); elsewhere (CUDA, other dtypes, grouped or dilated convs) it is the plain conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+            return super().forward(x)
+        plan = plan_for(self, tuple(x.shape[-2:]), self._out_hw(x))
+        if plan == PLAIN:
+            return super().forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _TunedConvFunction.apply(x, self.weight, self.bias, self, plan)
+        return _forward(x, self.weight, self.bias, self, plan)[0]
+
+    def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * pad - kernel) // stride + 1
+            for size, pad, kernel, stride in zip(x.shape[-2:], self.padding, self.kernel_size, self.stride)
+        )
+
+
+def swap_convs(module: nn.Module) -> int:
+    """Turn every plain ``nn.Conv2d`` in ``module`` into a :class:`TunedConv2d` in place (same parameters,
+    buffers and state dict); returns how many were swapped."""
+    swapped = 0
+    for child in module.modules():
+        if type(child) is nn.Conv2d and isinstance(child.padding, tuple):  # not padding="same"/"valid"
+            child.__class__ = TunedConv2d
+            swapped += 1
+    return swapped

@@ -1,0 +1,125 @@
+"""The CPU conv plans compute the plain convolution: same outputs and gradients, to float32 rounding."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cawbench.config import ConfigError
+from cawbench.cpu_conv import (
+    PLAIN,
+    ConvPlan,
+    TunedConv2d,
+    _TunedConvFunction,
+    plan_for,
+    swap_convs,
+    weight_grad_transposed,
+)
+from cawbench.engine import Trainer
+
+PLANS = [ConvPlan(f, w) for f, w in itertools.product(("nchw", "nhwc"), ("native", "nhwc", "transposed"))]
+SHAPES = [  # (in, out, kernel, stride, padding, input size)
+    (3, 5, 3, 1, 1, 8),
+    (4, 6, 3, 2, 1, 9),  # a stride that leaves a spare padded row
+    (4, 6, 3, 2, 1, 8),
+    (2, 3, 5, 1, 2, 7),
+    (3, 4, 3, 1, 0, 6),
+]
+
+
+def test_transposed_weight_gradient_matches_a_hand_computation():
+    # x = [[1, 2], [3, 4]] zero-padded by 1, dy = ones on the 2x2 output: dW[a, b] sums the 2x2 window of the
+    # padded input starting at (a, b).
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    grad = weight_grad_transposed(x, torch.ones(1, 1, 2, 2), (3, 3), (1, 1), (1, 1))
+    assert torch.equal(
+        grad, torch.tensor([[1.0, 3.0, 2.0], [4.0, 10.0, 6.0], [3.0, 7.0, 4.0]]).view(1, 1, 3, 3)
+    )
+    # Stride 2 on a 3x3 input, padding 1: outputs at h, w in {0, 1}, dW[a, b] = sum of x_pad[2h + a, 2w + b].
+    x = torch.arange(1.0, 10.0).view(1, 1, 3, 3)
+    grad = weight_grad_transposed(x, torch.ones(1, 1, 2, 2), (3, 3), (2, 2), (1, 1))
+    # a = 1 takes padded rows 1 and 3 (x's rows 1 2 3 and 7 8 9); b = 0 takes padded columns 0 (padding) and
+    # 2 (x's middle column), b = 1 columns 1 and 3 (x's outer columns), b = 2 columns 2 and 4 (padding).
+    assert torch.equal(grad[0, 0, 1], torch.tensor([2.0 + 8, 1 + 3 + 7 + 9, 2 + 8]))
+    # a = 0 takes padded rows 0 (padding) and 2 (x's middle row, 4 5 6).
+    assert torch.equal(grad[0, 0, 0], torch.tensor([5.0, 4 + 6, 5]))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.forward}-{p.weight_grad}")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_plan_gives_the_plain_outputs_and_gradients(plan, shape, bias):
+    c_in, c_out, kernel, stride, padding, size = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias)
+    x = torch.randn(3, c_in, size, size, generator=gen, requires_grad=True)
+    y_ref = conv(x)
+    dy = torch.randn(y_ref.shape, generator=gen)
+    ref = torch.autograd.grad(y_ref, [x, *conv.parameters()], dy)
+    y = _TunedConvFunction.apply(x, conv.weight, conv.bias, conv, plan)
+    got = torch.autograd.grad(y, [x, *conv.parameters()], dy)
+    assert y.is_contiguous() and torch.allclose(y, y_ref, atol=1e-5)
+    for g, r in zip(got, ref, strict=True):
+        assert g.shape == r.shape and g.is_contiguous()
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_rule_follows_the_measured_shapes():
+    def plan(c_in, size, stride):
+        conv = nn.Conv2d(c_in, c_in, 3, stride, 1)
+        out = (size + 2 - 3) // stride + 1
+        return plan_for(conv, (size, size), (out, out))
+
+    assert plan(100, 32, 1) == ConvPlan("nhwc", "nhwc")  # big maps: NHWC both ways
+    assert plan(200, 32, 2) == ConvPlan("nhwc", "native")
+    assert plan(400, 16, 2) == ConvPlan("nchw", "native")
+    assert plan(800, 8, 2) == ConvPlan("nchw", "transposed")  # few output positions: a forward conv
+    assert plan(800, 4, 1) == ConvPlan("nchw", "transposed")
+    assert plan(1, 32, 1) == PLAIN  # the stem: nothing measured to help
+    grouped = nn.Conv2d(100, 100, 3, 1, 1, groups=10)
+    assert plan_for(grouped, (32, 32), (32, 32)) == PLAIN
+
+
+def test_swap_keeps_parameters_and_state_dict_and_skips_other_convs():
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding="same"))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert swap_convs(net) == 1  # padding="same" is left plain
+    assert type(net[0]) is TunedConv2d and type(net[2]) is nn.Conv2d
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    x = torch.randn(2, 16, 32, 32)
+    plain = F.conv2d(x, net[0].weight, net[0].bias, padding=1)
+    with torch.no_grad():  # the eval forward takes the plan too
+        assert torch.allclose(net[0](x), plain, atol=1e-5)
+    assert net[0](x).grad_fn is not None and "TunedConv" in type(net[0](x).grad_fn).__name__
+
+
+def test_engine_tunes_cpu_convs_by_default_with_the_plain_updates(tiny_config):
+    # SGD: updates linear in the gradients, so rounding differences stay rounding-sized (Adam's first steps
+    # are about lr * sign(g), which turns a rounding difference in a tiny gradient into a full step).
+    overrides = {"model__width": 0.5, "data__image_size": 32, "optim__name": "sgd", "data__subset": 64,
+                 "train__batch_size": 32}  # fmt: skip
+
+    def trained(mode):
+        trainer = Trainer(tiny_config("caw_conv", train__cpu_conv=mode, **overrides), write_result=False)
+        trainer.train_epoch(0)
+        return trainer
+
+    tuned, plain = trained("tuned"), trained("plain")
+    convs = [m for m in tuned.net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is TunedConv2d for m in convs)
+    assert all(type(m) is nn.Conv2d for m in plain.net.modules() if isinstance(m, nn.Conv2d))
+    assert tuned.cfg.config_hash() == plain.cfg.config_hash()  # same maths: the switch leaves the hash
+    for (name, a), (_, b) in zip(tuned.net.named_parameters(), plain.net.named_parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+    again = trained("tuned")  # fixed rule, no run-time timing: bit-for-bit reproducible
+    for a, b in zip(tuned.net.parameters(), again.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_cpu_conv_mode_names_the_choices(tiny_config):
+    with pytest.raises(ConfigError, match=r"train.cpu_conv='fast'.*tuned, plain"):
+        tiny_config(train__cpu_conv="fast")
