@@ -1,14 +1,17 @@
 """Faster float32 convolutions for CPU training: the same convolution, its kernels picked by shape.
 
 On the CPU, oneDNN's speed depends a lot on the memory layout and on which of its kernels a shape lands on.
-Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, batch 128, ResNet-17 shapes):
+Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, batch 128, ResNet-17 shapes;
+``reports/bench/cpu-conv-layouts.md``), for convs of 100 channels and more:
 
-- the forward of a 32x32 map runs about 1.3x faster in channels_last (NHWC), even counting the conversion
-  of the input and output;
-- the weight gradient of a small output map (4x4 and below) is 2-3x faster written as a *forward*
-  convolution of the transposed tensors (batch and channels swapped; see :func:`weight_grad_transposed`)
-  than oneDNN's own weight-gradient kernel, which is poorly blocked for few positions and many channels;
+- the forward of a 32x32 map runs faster in channels_last (NHWC), even counting the conversion of the input
+  and output;
+- the weight gradient of a small output map (4x4 and below) with many channels (800) is 1.2-1.5x faster
+  written as a *forward* convolution of the transposed tensors (batch and channels swapped; see
+  :func:`weight_grad_transposed`) than oneDNN's own weight-gradient kernel;
 - the weight gradient of stride-1 maps of 8x8 and more is a little faster in NHWC.
+
+Narrower convs (ResNet-17 at width 0.4: 40 to 320 channels) gained nothing from any plan, so they stay plain.
 
 :class:`TunedConv2d` is an ``nn.Conv2d`` (same parameters and state dict) whose training forward and backward
 follow those rules; :func:`swap_convs` turns a network's plain convs into it (the engine does this on the CPU
@@ -41,11 +44,13 @@ PLAIN = ConvPlan()
 
 
 def plan_for(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> ConvPlan:
-    """The fixed rule (measured, see the module docstring); PLAIN where nothing was measured to help."""
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or conv.in_channels < 8:
+    """The fixed rule (measured, see the module docstring); PLAIN where nothing was measured to help. At
+    ResNet-17 width 0.4 (40 to 320 channels) no plan beat the plain conv, so narrow convs stay plain."""
+    channels = min(conv.in_channels, conv.out_channels)
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
     forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
-    if out_hw[0] * out_hw[1] <= 4 * 4:
+    if out_hw[0] * out_hw[1] <= 4 * 4 and channels >= 512:  # measured: 800 channels 1.2-1.5x, 320 none
         weight_grad = "transposed"
     elif conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8:
         weight_grad = "nhwc"

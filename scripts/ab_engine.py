@@ -25,14 +25,15 @@ from cawbench.bench import random_data  # noqa: E402
 from cawbench.engine import Trainer  # noqa: E402
 from cawbench.method import list_methods, resolve_config  # noqa: E402
 
-NO_KEEP = {"train.keep_cpu_memory": False}
+NO_KEEP = {"train.keep_cpu_memory": False, "train.cpu_conv": "plain"}  # the steps before those two
 VARIANTS = {  # name -> (config overrides, channels_last on this device)
     # the CPU work step by step: plain PyTorch chain -> bulk dropout draws -> fused ReLU-dropout-pooling
-    # node -> glibc keeping freed memory (the defaults)
+    # node -> glibc keeping freed memory -> convs planned by shape (the defaults)
     "base": ({"train.fused_optimizer": False, "train.fast_dropout": False, **NO_KEEP}, False),
     "fastdrop": (NO_KEEP, False),  # units unfused (see UNFUSED)
     "fusedact": (NO_KEEP, False),
     "fused": ({}, False),  # every default on
+    "plainconv": ({"train.cpu_conv": "plain"}, False),  # every default but the shape-planned CPU convs
     "cl": ({"train.fused_optimizer": False}, True),
     "fused_cl": ({}, True),
     "compile": ({"train.compile": True}, False),
@@ -50,11 +51,13 @@ VARIANTS = {  # name -> (config overrides, channels_last on this device)
 TITLE = """# Engine variants timed interleaved (scripts/ab_engine.py)
 
 Each block is one run of the command it names: every round times one engine epoch of each variant in turn.
-Variants: `base` the plain PyTorch chain (nn.Dropout, unfused ReLU/dropout/pooling, glibc's default malloc),
-`fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropout-pooling node, `fused` every default
-(+ glibc keeping freed memory, fused CPU AdamW); `standin_caw` is scripts/standin.py, the spec's CAW layer
-written the plain way. `train.keep_cpu_memory` is process-wide, so `fused` runs in its own process:
-compare its img/s with the block before it on idle cores (each header gives the load average)."""
+Variants: `base` the plain PyTorch chain (nn.Dropout, unfused ReLU/dropout/pooling, glibc's default malloc,
+plain convs), `fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropout-pooling node,
+`plainconv` + glibc keeping freed memory and fused CPU AdamW, `fused` every default (+ convs planned by
+shape, `train.cpu_conv=tuned`; blocks before that switch existed call every default of their day `fused`);
+`standin_caw` is scripts/standin.py, the spec's CAW layer written the plain way. `train.keep_cpu_memory` is
+process-wide, so `plainconv` and `fused` run in their own process: compare their img/s with the block before
+on idle cores (each header gives the load average)."""
 UNFUSED = {"fastdrop"}  # channel-wise units forced onto the unfused ReLU -> dropout -> pooling chain
 THREADS = {"t1": 1, "fused_t1": 1, "compile_t1": 1}
 

@@ -79,18 +79,19 @@ def test_plan_rule_follows_the_measured_shapes():
     assert plan(400, 16, 2) == ConvPlan("nchw", "native")
     assert plan(800, 8, 2) == ConvPlan("nchw", "transposed")  # few output positions: a forward conv
     assert plan(800, 4, 1) == ConvPlan("nchw", "transposed")
-    assert plan(1, 32, 1) == PLAIN  # the stem: nothing measured to help
+    assert plan(320, 4, 1) == PLAIN  # 320 channels: the transposed form did not help
+    assert plan(1, 32, 1) == PLAIN and plan(80, 32, 1) == PLAIN  # the stem, width 0.4: nothing helped
     grouped = nn.Conv2d(100, 100, 3, 1, 1, groups=10)
     assert plan_for(grouped, (32, 32), (32, 32)) == PLAIN
 
 
 def test_swap_keeps_parameters_and_state_dict_and_skips_other_convs():
-    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding="same"))
+    net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 8, 3, padding="same"))
     state = {k: v.clone() for k, v in net.state_dict().items()}
     assert swap_convs(net) == 1  # padding="same" is left plain
     assert type(net[0]) is TunedConv2d and type(net[2]) is nn.Conv2d
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
-    x = torch.randn(2, 16, 32, 32)
+    x = torch.randn(2, 128, 32, 32)
     plain = F.conv2d(x, net[0].weight, net[0].bias, padding=1)
     with torch.no_grad():  # the eval forward takes the plan too
         assert torch.allclose(net[0](x), plain, atol=1e-5)
@@ -100,7 +101,7 @@ def test_swap_keeps_parameters_and_state_dict_and_skips_other_convs():
 def test_engine_tunes_cpu_convs_by_default_with_the_plain_updates(tiny_config):
     # SGD: updates linear in the gradients, so rounding differences stay rounding-sized (Adam's first steps
     # are about lr * sign(g), which turns a rounding difference in a tiny gradient into a full step).
-    overrides = {"model__width": 0.5, "data__image_size": 32, "optim__name": "sgd", "data__subset": 64,
+    overrides = {"model__width": 1.0, "data__image_size": 32, "optim__name": "sgd", "data__subset": 64,
                  "train__batch_size": 32}  # fmt: skip
 
     def trained(mode):
@@ -111,6 +112,13 @@ def test_engine_tunes_cpu_convs_by_default_with_the_plain_updates(tiny_config):
     tuned, plain = trained("tuned"), trained("plain")
     convs = [m for m in tuned.net.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m) is TunedConv2d for m in convs)
+    plans = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: plans.add(plan_for(m, i[0].shape[-2:], o.shape[-2:])))
+             for m in convs]  # fmt: skip
+    tuned.net.layer_scores(torch.randn(2, 1, 32, 32))
+    [h.remove() for h in hooks]
+    assert {p.forward for p in plans} == {"nchw", "nhwc"}  # the run took every kind of plan
+    assert {p.weight_grad for p in plans} == {"native", "nhwc", "transposed"}
     assert all(type(m) is nn.Conv2d for m in plain.net.modules() if isinstance(m, nn.Conv2d))
     assert tuned.cfg.config_hash() == plain.cfg.config_hash()  # same maths: the switch leaves the hash
     for (name, a), (_, b) in zip(tuned.net.named_parameters(), plain.net.named_parameters(), strict=True):
