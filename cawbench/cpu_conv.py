@@ -9,7 +9,8 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
 - the weight gradient of a small output map (4x4 and below) with many channels (800) is 1.2-1.5x faster
   written as a *forward* convolution of the transposed tensors (batch and channels swapped; see
   :func:`weight_grad_transposed`) than oneDNN's own weight-gradient kernel;
-- the weight gradient of stride-1 maps of 8x8 and more is a little faster in NHWC.
+- the weight gradient of stride-1 maps of 8x8 and more, and of any conv whose forward ran in NHWC, is a
+  little faster in NHWC.
 
 Narrower convs (ResNet-17 at width 0.4: 40 to 320 channels) gained nothing from any plan, so they stay plain.
 
@@ -52,7 +53,8 @@ def plan_for(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -
     forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
     if out_hw[0] * out_hw[1] <= 4 * 4 and channels >= 512:  # measured: 800 channels 1.2-1.5x, 320 none
         weight_grad = "transposed"
-    elif conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8:
+    elif forward == "nhwc" or (conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8):
+        # (after an NHWC forward the saved input is NHWC already; strided 8x8 outputs were slower in NHWC)
         weight_grad = "nhwc"
     else:
         weight_grad = "native"
@@ -65,10 +67,14 @@ def weight_grad_transposed(
 ) -> torch.Tensor:  # fmt: skip
     """dW[o, i, a, b] = sum over n, h, w of dy[n, o, h, w] * x_pad[n, i, s*h + a, s*w + b], computed as a
     forward convolution: x with batch and channels swapped ([I, N, H, W]) convolved with dy swapped the same
-    way ([O, N, Ho, Wo]) as the kernel, dilated by the stride. The result is [I, O, ...], cropped to the
-    kernel's size (a stride that does not divide the padded input leaves extra rows) and swapped back."""
-    out = F.conv2d(x.transpose(0, 1), grad_out.transpose(0, 1), padding=padding, dilation=stride)
-    return out[:, :, : kernel[0], : kernel[1]].transpose(0, 1).contiguous()
+    way ([O, N, Ho, Wo]) as the kernel, dilated by the stride, giving [I, O, kh, kw], swapped back. The input
+    is padded only as far as the sums reach: a stride that does not divide the padded input leaves trailing
+    rows no output reads, and cutting them (negative padding) saves computing kernel taps nobody wants."""
+    reach = [s * (n - 1) + k for s, n, k in zip(stride, grad_out.shape[-2:], kernel)]
+    spare = [size + 2 * p - r for size, p, r in zip(x.shape[-2:], padding, reach)]
+    pads = (padding[1], padding[1] - spare[1], padding[0], padding[0] - spare[0])  # left, right, top, bottom
+    out = F.conv2d(F.pad(x.transpose(0, 1), pads), grad_out.transpose(0, 1), dilation=stride)
+    return out.transpose(0, 1).contiguous()
 
 
 def _forward(

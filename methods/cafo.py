@@ -204,7 +204,23 @@ class CaFoTrunk(LocalUnit):
                 bn.track_running_stats = False
                 bn.running_mean = bn.running_var = bn.num_batches_tracked = None
         self._epoch = 0
-        self._bn_frozen = False
+        self._bn_frozen = self._calibrating = False
+        for bn in self._batch_norms() if self.bn_mode == "calibrated" else ():
+            bn.register_forward_hook(self._accumulate_batch_stats)
+
+    def _accumulate_batch_stats(self, bn: nn.Module, inputs: tuple[torch.Tensor], _out: torch.Tensor) -> None:
+        """In the calibration epoch, the cumulative average of the batch statistics: after k batches
+        running = running + (batch - running) / k, what BatchNorm's ``momentum=None`` computes, but with k
+        read on the device (``momentum=None`` reads its batch count back to the host on every forward, a
+        sync per BN layer per step; a device-side k is also safe to capture in a CUDA graph)."""
+        if not (self._calibrating and bn.training):
+            return
+        x = inputs[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        with torch.no_grad():
+            weight = bn.num_batches_tracked.reciprocal()  # BatchNorm's forward has counted this batch
+            bn.running_mean.lerp_(x.mean(dims).to(bn.running_mean.dtype), weight)
+            bn.running_var.lerp_(x.var(dims, correction=1).to(bn.running_var.dtype), weight)
 
     def _batch_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
         return [m for m in self.blocks.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -218,10 +234,12 @@ class CaFoTrunk(LocalUnit):
         self._epoch = epoch
         if self.bn_mode != "calibrated":
             return
-        if epoch == self.calibration_epoch:
+        self._calibrating = epoch == self.calibration_epoch
+        if self._calibrating:
             for bn in self._batch_norms():
                 bn.reset_running_stats()
-                bn.momentum = None  # cumulative average over the epoch's batches
+                # BatchNorm itself leaves the running statistics alone; _accumulate_batch_stats averages them.
+                bn.momentum = 0.0
         self._bn_frozen = epoch > self.calibration_epoch
         self._apply_bn_mode()
 

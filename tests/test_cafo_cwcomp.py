@@ -269,6 +269,27 @@ def test_cafo_blocks_never_change_heads_do(tiny_config):
     assert torch.equal(stats[0], stats[1])  # BN statistics calibrated in epoch 0, frozen afterwards
 
 
+def test_cafo_calibration_averages_the_epochs_batch_statistics(tiny_config):
+    # The calibrated running statistics equal BatchNorm's cumulative average (momentum=None) over the same
+    # batches, fed the same block inputs; the trunk gets there without reading anything back to the host.
+    trainer = Trainer(tiny_config("cafo", train__epochs=2, data__subset=96, train__batch_size=32))
+    trunk = trainer.net.units[0]
+    bn = trunk.blocks[0].norm
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_pre_hook(
+        lambda m, i: seen.append(i[0].detach().clone()) if m.training else None
+    )
+    trainer.train_epoch(0)
+    hook.remove()
+    assert len(seen) == 3
+    reference = torch.nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=None).train()
+    for x in seen:
+        reference(x)
+    assert torch.allclose(bn.running_mean, reference.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 3
+
+
 def test_cafo_dfa_trains_blocks_then_freezes_them(tiny_config):
     trainer = Trainer(tiny_config("cafo", train__epochs=2, params__blocks="dfa", params__dfa_epochs=1))
     trunk, heads = trainer.net.units[0], trainer.net.units[1:]

@@ -45,18 +45,7 @@ def test_evaluation_batches_are_the_split_in_order():
     assert torch.equal(torch.cat(ys), torch.arange(9))
 
 
-#: known host reads, each a method's own choice (the engine adds none); strict: a fix makes the test say so
-HOST_READS = {
-    "cafo": "calibration epoch: BatchNorm with momentum=None computes 1/num_batches_tracked on the host "
-    "(3 reads per step in CaFo's first epoch)",
-}
-
-
-@pytest.mark.parametrize(
-    "method",
-    [pytest.param(m, marks=pytest.mark.xfail(reason=HOST_READS[m], strict=True)) if m in HOST_READS else m
-     for m in list_methods()],
-)  # fmt: skip
+@pytest.mark.parametrize("method", list_methods())
 def test_a_training_step_reads_nothing_back_to_the_host(method, tiny_config):
     # .item(), bool(tensor), nonzero, ... inside the layer loop would stall a GPU once per unit per batch.
     trainer = Trainer(tiny_config(method), write_result=False)
