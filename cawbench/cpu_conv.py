@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CPU_CONV_MODES = ("tuned", "plain")
 _NHWC = torch.channels_last
 
 
@@ -79,7 +78,8 @@ def weight_grad_transposed(
 
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, plan: ConvPlan
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output in NCHW, the input as the conv read it)."""
     if plan.forward == "nhwc":
         x_nhwc = x.contiguous(memory_format=_NHWC)
         w_nhwc = weight.contiguous(memory_format=_NHWC)
