@@ -9,10 +9,11 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
 - the weight gradient of a small output map (4x4 and below) with many channels (800) is 1.2-1.5x faster
   written as a *forward* convolution of the transposed tensors (batch and channels swapped; see
   :func:`weight_grad_transposed`) than oneDNN's own weight-gradient kernel;
-- the weight gradient of stride-1 maps of 8x8 and more, and of any conv whose forward ran in NHWC, is a
-  little faster in NHWC.
+- the weight gradient of stride-1 maps of 8x8 and more with 200 channels and more, and of any conv whose
+  forward ran in NHWC, is a little faster in NHWC.
 
-Narrower convs (ResNet-17 at width 0.4: 40 to 320 channels) gained nothing from any plan, so they stay plain.
+At ResNet-17 width 0.4 (40 to 320 channels) no plan helped (and the A/B runs were 0.90-0.97x with NHWC weight
+gradients on its 160-channel layers), so every conv there stays plain.
 
 :class:`TunedConv2d` is an ``nn.Conv2d`` (same parameters and state dict) whose training forward and backward
 follow those rules; :func:`swap_convs` turns a network's plain convs into it (the engine does this on the CPU
@@ -44,16 +45,16 @@ PLAIN = ConvPlan()
 
 
 def plan_for(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> ConvPlan:
-    """The fixed rule (measured, see the module docstring); PLAIN where nothing was measured to help. At
-    ResNet-17 width 0.4 (40 to 320 channels) no plan beat the plain conv, so narrow convs stay plain."""
+    """The fixed rule (measured, see the module docstring); PLAIN where nothing was measured to help."""
     channels = min(conv.in_channels, conv.out_channels)
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
     forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
     if out_hw[0] * out_hw[1] <= 4 * 4 and channels >= 512:  # measured: 800 channels 1.2-1.5x, 320 none
         weight_grad = "transposed"
-    elif forward == "nhwc" or (conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8):
-        # (after an NHWC forward the saved input is NHWC already; strided 8x8 outputs were slower in NHWC)
+    elif forward == "nhwc" or (conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8 and channels >= 200):
+        # After an NHWC forward the saved input is NHWC already. Otherwise NHWC paid off from 200 channels
+        # (200 @16, 400 @8: 0.89-0.95x); strided 8x8 outputs and 160 @8 were no faster or slower.
         weight_grad = "nhwc"
     else:
         weight_grad = "native"

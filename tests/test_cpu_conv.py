@@ -81,6 +81,7 @@ def test_plan_rule_follows_the_measured_shapes():
     assert plan(800, 8, 2) == ConvPlan("nchw", "transposed")  # few output positions: a forward conv
     assert plan(800, 4, 1) == ConvPlan("nchw", "transposed")
     assert plan(320, 4, 1) == PLAIN  # 320 channels: the transposed form did not help
+    assert plan(160, 8, 1) == PLAIN and plan(200, 16, 1) == ConvPlan("nchw", "nhwc")
     assert plan(1, 32, 1) == PLAIN and plan(80, 32, 1) == PLAIN  # the stem, width 0.4: nothing helped
     grouped = nn.Conv2d(100, 100, 3, 1, 1, groups=10)
     assert plan_for(grouped, (32, 32), (32, 32)) == PLAIN
