@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cawbench.archs import _conv_out
+
 _NHWC = torch.channels_last
 
 
@@ -44,8 +46,10 @@ class ConvPlan:
 PLAIN = ConvPlan()
 
 
-def plan_for(conv: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> ConvPlan:
-    """The fixed rule (measured, see the module docstring); PLAIN where nothing was measured to help."""
+def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...]) -> ConvPlan:
+    """The fixed rule for ``conv`` on an ``in_hw`` map (measured, see the module docstring); PLAIN where
+    nothing was measured to help."""
+    out_hw = [_conv_out(*args) for args in zip(in_hw, conv.kernel_size, conv.stride, conv.padding)]
     channels = min(conv.in_channels, conv.out_channels)
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
@@ -134,18 +138,12 @@ class TunedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
             return super().forward(x)
-        plan = plan_for(self, tuple(x.shape[-2:]), self._out_hw(x))
+        plan = plan_for(self, x.shape[-2:])
         if plan == PLAIN:
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _TunedConvFunction.apply(x, self.weight, self.bias, self, plan)
         return _forward(x, self.weight, self.bias, self, plan)[0]
-
-    def _out_hw(self, x: torch.Tensor) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (size + 2 * pad - kernel) // stride + 1
-            for size, pad, kernel, stride in zip(x.shape[-2:], self.padding, self.kernel_size, self.stride)
-        )
 
 
 def swap_convs(module: nn.Module) -> int:

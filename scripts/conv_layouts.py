@@ -95,8 +95,7 @@ def main() -> None:
             for plan in PLANS:
                 times[plan].append(time_plan(conv, x, plan))
         median = {plan: statistics.median(t) for plan, t in times.items()}
-        out_hw = conv._conv_forward(x[:1], conv.weight, None).shape[-2:]  # noqa: SLF001
-        chosen = plan_for(conv, tuple(shape[-2:]), tuple(out_hw))
+        chosen = plan_for(conv, shape[-2:])
         best = min(median, key=median.get)
         name = (
             f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} @{shape[-1]}"
@@ -118,8 +117,10 @@ def main() -> None:
             f"| {name} | {count} | {cells} | {best.forward}/{best.weight_grad} | {chosen.forward}/{chosen.weight_grad}"
             f" | {picked / plain:.2f} |"
         )
-    lines.append(f"\nOne training step's convs (each shape times its count): plain {total_plain:.0f} ms, plan_for {total_chosen:.0f} ms "
-                 f"({total_chosen / total_plain:.2f}x).")  # fmt: skip
+    lines.append(
+        f"\nOne training step's convs (each shape times its count): plain {total_plain:.0f} ms, "
+        f"plan_for {total_chosen:.0f} ms ({total_chosen / total_plain:.2f}x)."
+    )
     table = "\n".join(lines)
     print(table)
     if args.out:
