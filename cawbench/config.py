@@ -125,7 +125,9 @@ class TrainConfig:
     pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
     fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
-    cpu_conv: str = "tuned"  # CPU: tuned (conv kernels/layout picked by shape, cawbench.cpu_conv) | plain
+    # CPU: tuned (conv kernels/layout picked by shape, Winograd included; cawbench.cpu_conv) | direct (the same
+    # without Winograd: direct sums only) | plain (PyTorch's own conv)
+    cpu_conv: str = "tuned"
     keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
@@ -141,7 +143,7 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
-        _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "plain"))
+        _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "direct", "plain"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:

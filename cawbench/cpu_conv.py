@@ -12,14 +12,21 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
 - the weight gradient of stride-1 maps of 8x8 and more with 200 channels and more, and of any conv whose
   forward ran in NHWC, is a little faster in NHWC.
 
-At ResNet-17 width 0.4 (40 to 320 channels) no plan helped (and the A/B runs were 0.90-0.97x with NHWC weight
-gradients on its 160-channel layers), so every conv there stays plain.
+- stride-1 3x3 convs of 200 channels and more on maps of 16x16 and below run forward and weight gradient as
+  Winograd F(2x2, 3x3) (``cawbench/winograd.py``): 2.25x fewer multiply-adds, measured 0.56-0.87x the time
+  of the best direct plan (800 @4x4 to 200 @16x16). On 32x32 maps of 100 channels and on 160 @8x8 it was
+  slower or no faster. Winograd rounds differently from the direct sums (about 6e-7 of the largest output,
+  1e-6 to 9e-6 of the largest weight-gradient entry); ``train.cpu_conv=direct`` keeps every other plan and
+  leaves it out.
+
+At ResNet-17 width 0.4 (40 to 320 channels) no direct plan helped (and the A/B runs were 0.90-0.97x with NHWC
+weight gradients on its 160-channel layers); only its three 320-channel 4x4 convs take Winograd (0.82x).
 
 :class:`TunedConv2d` is an ``nn.Conv2d`` (same parameters and state dict) whose training forward and backward
 follow those rules; :func:`swap_convs` turns a network's plain convs into it (the engine does this on the CPU
 unless ``train.cpu_conv=plain``). The choice is a fixed function of the shape, never timed at run time, so
-runs stay bit-for-bit reproducible. The gradients are the same sums taken in another order: they agree with
-the plain conv's to float32 rounding (``tests/test_cpu_conv.py``).
+runs stay bit-for-bit reproducible. The gradients are the same sums taken in another order (or, for Winograd,
+by an exact identity): they agree with the plain conv's to float32 rounding (``tests/test_cpu_conv.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cawbench import winograd
 from cawbench.archs import _conv_out
 
 _NHWC = torch.channels_last
@@ -39,20 +47,34 @@ _NHWC = torch.channels_last
 class ConvPlan:
     """How one conv shape runs: the forward's layout and the weight gradient's kernel."""
 
-    forward: str = "nchw"  # nchw | nhwc
-    weight_grad: str = "native"  # native (oneDNN's, NCHW) | nhwc | transposed (a forward conv)
+    forward: str = "nchw"  # nchw | nhwc | winograd
+    weight_grad: str = "native"  # native (oneDNN's, NCHW) | nhwc | transposed (a forward conv) | winograd
+
+    def usable_for(self, conv: nn.Conv2d, in_hw: tuple[int, ...]) -> bool:
+        """Winograd plans only compute 3x3, stride-1, padding-1 convs of even maps; the others any conv."""
+        wants_winograd = "winograd" in (self.forward, self.weight_grad)
+        return not wants_winograd or winograd.applies(conv.kernel_size, conv.stride, conv.padding, in_hw)
 
 
 PLAIN = ConvPlan()
+WINOGRAD = ConvPlan("winograd", "winograd")
 
 
-def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...]) -> ConvPlan:
+def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...], winograd_ok: bool = True) -> ConvPlan:
     """The fixed rule for ``conv`` on an ``in_hw`` map (measured, see the module docstring); PLAIN where
-    nothing was measured to help."""
+    nothing was measured to help. ``winograd_ok=False`` (``train.cpu_conv=direct``) picks among the direct
+    plans only."""
     out_hw = [_conv_out(*args) for args in zip(in_hw, conv.kernel_size, conv.stride, conv.padding)]
     channels = min(conv.in_channels, conv.out_channels)
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
+    if (
+        winograd_ok
+        and channels >= 200
+        and in_hw[0] * in_hw[1] <= 16 * 16
+        and WINOGRAD.usable_for(conv, in_hw)
+    ):
+        return WINOGRAD  # measured 0.56x (800 @4) to 0.87x (200 @16) of the best direct plan
     forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
     if out_hw[0] * out_hw[1] <= 4 * 4 and channels >= 512:  # measured: 800 channels 1.2-1.5x, 320 none
         weight_grad = "transposed"
@@ -81,10 +103,23 @@ def weight_grad_transposed(
     return out.transpose(0, 1).contiguous()
 
 
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """[N, H, W, C] contiguous view of an NCHW-indexed tensor (a copy unless it is channels_last already)."""
+    return t.contiguous(memory_format=_NHWC).permute(0, 2, 3, 1)
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """The NCHW-contiguous tensor of an [N, H, W, C] one."""
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
 def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, plan: ConvPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output in NCHW, the input as the conv read it)."""
+    if plan.forward == "winograd":
+        x_nhwc = x.contiguous(memory_format=_NHWC)
+        return _nchw(winograd.conv3x3(x_nhwc.permute(0, 2, 3, 1), weight, bias)), x_nhwc
     if plan.forward == "nhwc":
         x_nhwc = x.contiguous(memory_format=_NHWC)
         w_nhwc = weight.contiguous(memory_format=_NHWC)
@@ -96,9 +131,11 @@ def _forward(
 class _TunedConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv: nn.Conv2d, plan: ConvPlan):  # noqa: ANN001, ANN205
+        if not plan.usable_for(conv, x.shape[-2:]):
+            raise ValueError(f"conv plan {plan} cannot compute {conv} on a {tuple(x.shape[-2:])} map")
         y, x_used = _forward(x, weight, bias, conv, plan)
         # Keep one copy of the input: the NHWC one when the weight gradient wants it, else the caller's.
-        keep = x_used if plan.weight_grad == "nhwc" else x
+        keep = x_used if plan.weight_grad in ("nhwc", "winograd") else x
         ctx.save_for_backward(keep, weight)
         ctx.conv, ctx.plan, ctx.has_bias = conv, plan, bias is not None
         return y
@@ -110,12 +147,18 @@ class _TunedConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
+        winograd_dy = _nhwc(grad_out) if "winograd" in (plan.forward, plan.weight_grad) else None
         if need_x:  # backprop only; layer-local units detach their input
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, *args, [True, False, False]
-            )[0].contiguous()
+            if plan.forward == "winograd":  # dx: the conv of dy with the flipped, transposed kernel
+                grad_x = _nchw(winograd.conv3x3(winograd_dy, weight.transpose(0, 1).flip(2, 3)))
+            else:
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad_out, x, weight, None, *args, [True, False, False]
+                )[0].contiguous()
         if need_w:
-            if plan.weight_grad == "transposed":
+            if plan.weight_grad == "winograd":
+                grad_w = winograd.weight_grad3x3(_nhwc(x), winograd_dy)
+            elif plan.weight_grad == "transposed":
                 grad_w = weight_grad_transposed(x, grad_out, conv.kernel_size, conv.stride, conv.padding)
             elif plan.weight_grad == "nhwc":
                 grad_w = torch.ops.aten.convolution_backward(
@@ -133,12 +176,15 @@ class _TunedConvFunction(torch.autograd.Function):
 
 class TunedConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose float32 CPU forward and backward follow :func:`plan_for` (see the module
-    docstring); elsewhere (CUDA, other dtypes, grouped or dilated convs) it is the plain conv."""
+    docstring); elsewhere (CUDA, other dtypes, grouped or dilated convs) it is the plain conv.
+    ``winograd_ok=False`` keeps it to the direct plans."""
+
+    winograd_ok: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
             return super().forward(x)
-        plan = plan_for(self, x.shape[-2:])
+        plan = plan_for(self, x.shape[-2:], self.winograd_ok)
         if plan == PLAIN:
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -146,12 +192,14 @@ class TunedConv2d(nn.Conv2d):
         return _forward(x, self.weight, self.bias, self, plan)[0]
 
 
-def swap_convs(module: nn.Module) -> int:
+def swap_convs(module: nn.Module, winograd_ok: bool = True) -> int:
     """Turn every plain ``nn.Conv2d`` in ``module`` into a :class:`TunedConv2d` in place (same parameters,
-    buffers and state dict); returns how many were swapped."""
+    buffers and state dict); ``winograd_ok=False`` keeps them to the direct plans. Returns how many were
+    swapped."""
     swapped = 0
     for child in module.modules():
         if type(child) is nn.Conv2d and isinstance(child.padding, tuple):  # not padding="same"/"valid"
             child.__class__ = TunedConv2d
+            child.winograd_ok = winograd_ok
             swapped += 1
     return swapped

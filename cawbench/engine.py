@@ -700,8 +700,9 @@ class Trainer:
         self.net: LocalNetwork = self.method.build().to(self.device)
         if cfg.train.fast_dropout and self.device.type == "cpu":
             swap_dropout(self.net)  # same maths, bulk-drawn masks (see cawbench.fast_dropout)
-        if cfg.train.cpu_conv == "tuned" and self.device.type == "cpu":
-            swap_convs(self.net)  # same convolutions, kernels picked by shape (see cawbench.cpu_conv)
+        if cfg.train.cpu_conv != "plain" and self.device.type == "cpu":
+            # Same convolutions, kernels picked by shape (see cawbench.cpu_conv).
+            swap_convs(self.net, winograd_ok=cfg.train.cpu_conv == "tuned")
         if cfg.train.keep_cpu_memory and self.device.type == "cpu":
             keep_freed_cpu_memory()
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"

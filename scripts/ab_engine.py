@@ -28,12 +28,13 @@ from cawbench.method import list_methods, resolve_config  # noqa: E402
 NO_KEEP = {"train.keep_cpu_memory": False, "train.cpu_conv": "plain"}  # the steps before those two
 VARIANTS = {  # name -> (config overrides, channels_last on this device)
     # the CPU work step by step: plain PyTorch chain -> bulk dropout draws -> fused ReLU-dropout-pooling
-    # node -> glibc keeping freed memory -> convs planned by shape (the defaults)
+    # node -> glibc keeping freed memory -> convs planned by shape -> Winograd where it pays (the defaults)
     "base": ({"train.fused_optimizer": False, "train.fast_dropout": False, **NO_KEEP}, False),
     "fastdrop": (NO_KEEP, False),  # units unfused (see UNFUSED)
     "fusedact": (NO_KEEP, False),
     "fused": ({}, False),  # every default on
     "plainconv": ({"train.cpu_conv": "plain"}, False),  # every default but the shape-planned CPU convs
+    "direct": ({"train.cpu_conv": "direct"}, False),  # planned convs without Winograd
     "cl": ({"train.fused_optimizer": False}, True),
     "fused_cl": ({}, True),
     "compile": ({"train.compile": True}, False),
@@ -53,10 +54,12 @@ TITLE = """# Engine variants timed interleaved (scripts/ab_engine.py)
 Each block is one run of the command it names: every round times one engine epoch of each variant in turn.
 Variants: `base` the plain PyTorch chain (nn.Dropout, unfused ReLU/dropout/pooling, glibc's default malloc,
 plain convs), `fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropout-pooling node,
-`plainconv` + glibc keeping freed memory and fused CPU AdamW, `fused` every default (+ convs planned by
-shape, `train.cpu_conv=tuned`; blocks before that switch existed call every default of their day `fused`);
+`plainconv` + glibc keeping freed memory and fused CPU AdamW, `direct` + convs planned by shape
+(`train.cpu_conv=direct`), `fused` every default (+ Winograd for the 3x3 stride-1 convs of 200+ channels on
+16x16 maps and below, `train.cpu_conv=tuned`; blocks before a switch existed call every default of their day
+`fused`);
 `standin_caw` is scripts/standin.py, the spec's CAW layer written the plain way. `train.keep_cpu_memory` is
-process-wide, so `plainconv` and `fused` run in their own process: compare their img/s with the block before
+process-wide, so `plainconv`, `direct` and `fused` run in their own process: compare their img/s with the block before
 on idle cores (each header gives the load average)."""
 UNFUSED = {"fastdrop"}  # channel-wise units forced onto the unfused ReLU -> dropout -> pooling chain
 THREADS = {"t1": 1, "fused_t1": 1, "compile_t1": 1}

@@ -26,7 +26,7 @@ cawbench_inplace.setup()
 from ab_engine import write_markdown  # noqa: E402
 
 from cawbench.bench import random_data  # noqa: E402
-from cawbench.cpu_conv import ConvPlan, _TunedConvFunction, plan_for  # noqa: E402
+from cawbench.cpu_conv import WINOGRAD, ConvPlan, _TunedConvFunction, plan_for  # noqa: E402
 from cawbench.engine import Trainer, keep_freed_cpu_memory  # noqa: E402
 from cawbench.method import resolve_config  # noqa: E402
 
@@ -34,9 +34,11 @@ TITLE = """# CPU conv plans timed per shape (scripts/conv_layouts.py)
 
 Each block is one run of the command it names: for every distinct conv shape of the network, one forward and
 weight gradient (as a layer-local unit trains; dy = ones) under each plan (forward layout / weight-gradient
-kernel), the plans interleaved round by round; median ms. `plan_for` is the fixed rule
-`cawbench.cpu_conv` applies in training (`train.cpu_conv=tuned`, the CPU default)."""
-PLANS = [ConvPlan(f, w) for f, w in itertools.product(("nchw", "nhwc"), ("native", "nhwc", "transposed"))]
+kernel), the plans interleaved round by round; median ms (– where a plan cannot compute the shape: Winograd
+takes 3x3 stride-1 convs only). `plan_for` is the fixed rule `cawbench.cpu_conv` applies in training
+(`train.cpu_conv=tuned`, the CPU default)."""
+DIRECT = [ConvPlan(f, w) for f, w in itertools.product(("nchw", "nhwc"), ("native", "nhwc", "transposed"))]
+PLANS = [*DIRECT, WINOGRAD]
 
 
 def conv_shapes(method: str, width: float, batch: int, size: int) -> list[tuple[torch.nn.Conv2d, tuple, int]]:
@@ -88,11 +90,12 @@ def main() -> None:
     rows = []
     for conv, shape, count in conv_shapes(args.method, args.width, args.batch, args.input):
         x = torch.randn(shape)
-        times: dict[ConvPlan, list[float]] = {plan: [] for plan in PLANS}
-        for plan in PLANS:
+        plans = [plan for plan in PLANS if plan.usable_for(conv, shape[-2:])]
+        times: dict[ConvPlan, list[float]] = {plan: [] for plan in plans}
+        for plan in plans:
             time_plan(conv, x, plan)  # warm-up
         for _ in range(args.rounds):
-            for plan in PLANS:
+            for plan in plans:
                 times[plan].append(time_plan(conv, x, plan))
         median = {plan: statistics.median(t) for plan, t in times.items()}
         chosen = plan_for(conv, shape[-2:])
@@ -112,7 +115,7 @@ def main() -> None:
     for name, count, median, best, chosen in rows:
         plain, picked = median[ConvPlan()], median[chosen]
         total_plain, total_chosen = total_plain + count * plain, total_chosen + count * picked
-        cells = " | ".join(f"{median[k]:.1f}" for k in PLANS)
+        cells = " | ".join(f"{median[k]:.1f}" if k in median else "–" for k in PLANS)
         lines.append(
             f"| {name} | {count} | {cells} | {best.forward}/{best.weight_grad} | {chosen.forward}/{chosen.weight_grad}"
             f" | {picked / plain:.2f} |"

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cawbench import winograd
 from cawbench.config import ConfigError
 from cawbench.cpu_conv import (
     PLAIN,
+    WINOGRAD,
     ConvPlan,
     TunedConv2d,
     _TunedConvFunction,
@@ -21,9 +23,11 @@ from cawbench.cpu_conv import (
 )
 from cawbench.engine import Trainer
 
-PLANS = [ConvPlan(f, w) for f, w in itertools.product(("nchw", "nhwc"), ("native", "nhwc", "transposed"))]
+DIRECT_PLANS = itertools.product(("nchw", "nhwc"), ("native", "nhwc", "transposed"))
+PLANS = [ConvPlan(f, w) for f, w in DIRECT_PLANS] + [WINOGRAD, ConvPlan("nchw", "winograd")]
 SHAPES = [  # (in, out, kernel, stride, padding, input size)
-    (3, 5, 3, 1, 1, 8),
+    (3, 5, 3, 1, 1, 8),  # Winograd: two 2x2 tiles a side
+    (6, 4, 3, 1, 1, 2),  # Winograd: one tile
     (4, 6, 3, 2, 1, 9),  # a stride that leaves a spare padded row
     (4, 6, 3, 2, 1, 8),
     (2, 3, 5, 1, 2, 7),
@@ -50,8 +54,38 @@ def test_transposed_weight_gradient_matches_a_hand_computation():
     assert torch.equal(grad[0, 0, 0], torch.tensor([5.0, 4 + 6, 5]))
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.forward}-{p.weight_grad}")
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def _usable(plan: ConvPlan, shape: tuple) -> bool:
+    c_in, c_out, kernel, stride, padding, size = shape
+    return plan.usable_for(nn.Conv2d(c_in, c_out, kernel, stride, padding), (size, size))
+
+
+def test_winograd_matches_hand_computations():
+    # x = [[1, 2], [3, 4]] (one image, one channel, NHWC), zero-padded by 1. All-ones kernel: every output is
+    # the sum of the whole input, 10. Kernel with 1 at the centre: the output is x.
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 2, 1)
+    assert torch.equal(winograd.conv3x3(x, torch.ones(1, 1, 3, 3)), torch.full((1, 2, 2, 1), 10.0))
+    centre = torch.zeros(1, 1, 3, 3)
+    centre[0, 0, 1, 1] = 1.0
+    assert torch.equal(winograd.conv3x3(x, centre, torch.tensor([0.5])), x + 0.5)
+    # Weight gradient with dy = ones: dW[a, b] sums the 2x2 window of the padded input starting at (a, b).
+    grad = winograd.weight_grad3x3(x, torch.ones(1, 2, 2, 1))
+    assert torch.equal(
+        grad, torch.tensor([[1.0, 3.0, 2.0], [4.0, 10.0, 6.0], [3.0, 7.0, 4.0]]).view(1, 1, 3, 3)
+    )
+
+
+def test_winograd_plan_refuses_convs_it_cannot_compute():
+    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+    assert not WINOGRAD.usable_for(conv, (8, 8)) and not WINOGRAD.usable_for(nn.Conv2d(4, 4, 3, 1, 1), (7, 8))
+    with pytest.raises(ValueError, match="winograd.*cannot compute"):
+        _TunedConvFunction.apply(torch.randn(1, 4, 8, 8), conv.weight, None, conv, WINOGRAD)
+
+
+@pytest.mark.parametrize(
+    ("plan", "shape"),
+    [(p, s) for p in PLANS for s in SHAPES if _usable(p, s)],
+    ids=lambda v: f"{v.forward}-{v.weight_grad}" if isinstance(v, ConvPlan) else str(v),
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_plan_gives_the_plain_outputs_and_gradients(plan, shape, bias):
     c_in, c_out, kernel, stride, padding, size = shape
@@ -73,23 +107,34 @@ def test_plan_rule_follows_the_measured_shapes():
     def plan(c_in, size, stride):
         return plan_for(nn.Conv2d(c_in, c_in, 3, stride, 1), (size, size))
 
-    assert plan(100, 32, 1) == ConvPlan("nhwc", "nhwc")  # big maps: NHWC both ways
+    assert plan(100, 32, 1) == ConvPlan("nhwc", "nhwc")  # big maps: NHWC both ways, never Winograd
     assert plan(200, 32, 2) == ConvPlan("nhwc", "nhwc")
     assert plan(400, 16, 2) == ConvPlan("nchw", "native")
     assert plan(800, 8, 2) == ConvPlan("nchw", "transposed")  # few output positions: a forward conv
-    assert plan(800, 4, 1) == ConvPlan("nchw", "transposed")
-    assert plan(320, 4, 1) == PLAIN  # 320 channels: the transposed form did not help
-    assert plan(160, 8, 1) == PLAIN and plan(200, 16, 1) == ConvPlan("nchw", "nhwc")
+    for channels, size in ((200, 16), (400, 8), (800, 4), (320, 4)):  # stride 1, 200+ channels, <= 16x16
+        assert plan(channels, size, 1) == WINOGRAD
+    assert plan(160, 8, 1) == PLAIN  # Winograd no faster there
     assert plan(1, 32, 1) == PLAIN and plan(80, 32, 1) == PLAIN  # the stem, width 0.4: nothing helped
     grouped = nn.Conv2d(100, 100, 3, 1, 1, groups=10)
     assert plan_for(grouped, (32, 32)) == PLAIN
+
+    def direct(c_in, size, stride):  # train.cpu_conv=direct: the rule without Winograd
+        return plan_for(nn.Conv2d(c_in, c_in, 3, stride, 1), (size, size), winograd_ok=False)
+
+    assert direct(800, 4, 1) == ConvPlan("nchw", "transposed") and direct(320, 4, 1) == PLAIN
+    assert direct(200, 16, 1) == ConvPlan("nchw", "nhwc") and direct(400, 8, 1) == ConvPlan("nchw", "nhwc")
 
 
 def test_swap_keeps_parameters_and_state_dict_and_skips_other_convs():
     net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 8, 3, padding="same"))
     state = {k: v.clone() for k, v in net.state_dict().items()}
     assert swap_convs(net) == 1  # padding="same" is left plain
-    assert type(net[0]) is TunedConv2d and type(net[2]) is nn.Conv2d
+    assert type(net[0]) is TunedConv2d and type(net[2]) is nn.Conv2d and net[0].winograd_ok
+    direct = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1))
+    swap_convs(direct, winograd_ok=False)  # train.cpu_conv=direct
+    with torch.no_grad():
+        assert direct[0](torch.randn(1, 256, 8, 8)).grad_fn is None
+    assert plan_for(direct[0], (8, 8), direct[0].winograd_ok) == ConvPlan("nchw", "nhwc")
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     x = torch.randn(2, 128, 32, 32)
     plain = F.conv2d(x, net[0].weight, net[0].bias, padding=1)
@@ -117,8 +162,8 @@ def test_engine_tunes_cpu_convs_by_default_with_the_plain_updates(tiny_config):
              for m in convs]  # fmt: skip
     tuned.net.layer_scores(torch.randn(2, 1, 32, 32))
     [h.remove() for h in hooks]
-    assert {p.forward for p in plans} == {"nchw", "nhwc"}  # the run took every kind of plan
-    assert {p.weight_grad for p in plans} == {"native", "nhwc", "transposed"}
+    assert {p.forward for p in plans} == {"nchw", "nhwc", "winograd"}  # the run took every kind of plan
+    assert {p.weight_grad for p in plans} == {"native", "nhwc", "transposed", "winograd"}
     assert all(type(m) is nn.Conv2d for m in plain.net.modules() if isinstance(m, nn.Conv2d))
     assert tuned.cfg.config_hash() == plain.cfg.config_hash()  # same maths: the switch leaves the hash
     for (name, a), (_, b) in zip(tuned.net.named_parameters(), plain.net.named_parameters(), strict=True):
@@ -129,5 +174,5 @@ def test_engine_tunes_cpu_convs_by_default_with_the_plain_updates(tiny_config):
 
 
 def test_bad_cpu_conv_mode_names_the_choices(tiny_config):
-    with pytest.raises(ConfigError, match=r"train.cpu_conv='fast'.*tuned, plain"):
+    with pytest.raises(ConfigError, match=r"train.cpu_conv='fast'.*tuned, direct, plain"):
         tiny_config(train__cpu_conv="fast")
