@@ -20,7 +20,8 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
   leaves it out.
 
 At ResNet-17 width 0.4 (40 to 320 channels) no direct plan helped (and the A/B runs were 0.90-0.97x with NHWC
-weight gradients on its 160-channel layers); only its three 320-channel 4x4 convs take Winograd (0.82x).
+weight gradients on its 160-channel layers); only its three 320-channel 4x4 convs take Winograd (0.82x and
+1.00x in two runs).
 
 :class:`TunedConv2d` is an ``nn.Conv2d`` (same parameters and state dict) whose training forward and backward
 follow those rules; :func:`swap_convs` turns a network's plain convs into it (the engine does this on the CPU
