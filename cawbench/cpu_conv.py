@@ -11,17 +11,20 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
   :func:`weight_grad_transposed`) than oneDNN's own weight-gradient kernel;
 - the weight gradient of stride-1 maps of 8x8 and more with 200 channels and more, and of any conv whose
   forward ran in NHWC, is a little faster in NHWC.
+- stride-1 3x3 convs of 200 channels and more, or of 100 and more on 32x32 maps and larger, run forward and
+  weight gradient as Winograd F(4x4, 3x3) (``cawbench/winograd.py``; 4x fewer multiply-adds) where the map's
+  sides are multiples of 4: at width 1.0 0.61x (400 @8x8) to 0.79x (100 @32x32) the plain conv's time and
+  0.66-0.81x F(2x2, 3x3)'s. Counting the layout conversions it did not pay on 160 @8x8 (1.06x) and was about
+  even on 320 @4x4 (0.8-1.04x in three runs). Maps with even sides not divisible by 4 take F(2x2, 3x3) from
+  200 channels at 16x16 and below (0.56-0.87x the direct plans where it was measured).
+- Winograd rounds differently from the direct sums. Against float64 (``scripts/conv_layouts.py``'s second
+  table), F(4x4)'s forward is off by about 1e-5 of the largest output (direct: 3e-7; F(2x2): 5e-7) and its
+  weight gradient by about 7e-6 (direct: 2e-6 to 8e-6). Winograd is among the algorithms cuDNN's autotuner
+  picks for float32 convs, and this is far below bf16's or TF32's rounding. ``train.cpu_conv=direct`` keeps the direct
+  plans only.
 
-- stride-1 3x3 convs of 200 channels and more on maps of 16x16 and below run forward and weight gradient as
-  Winograd F(2x2, 3x3) (``cawbench/winograd.py``): 2.25x fewer multiply-adds, measured 0.56-0.87x the time
-  of the best direct plan (800 @4x4 to 200 @16x16). On 32x32 maps of 100 channels and on 160 @8x8 it was
-  slower or no faster. Winograd rounds differently from the direct sums (about 6e-7 of the largest output,
-  1e-6 to 9e-6 of the largest weight-gradient entry); ``train.cpu_conv=direct`` keeps every other plan and
-  leaves it out.
-
-At ResNet-17 width 0.4 (40 to 320 channels) no direct plan helped (and the A/B runs were 0.90-0.97x with NHWC
-weight gradients on its 160-channel layers); only its three 320-channel 4x4 convs take Winograd (0.82x and
-1.00x in two runs).
+At ResNet-17 width 0.4 (40 to 320 channels) no direct plan helped (the A/B runs were 0.90-0.97x with NHWC
+weight gradients on its 160-channel layers); only its three 320-channel 4x4 convs take Winograd.
 
 :class:`TunedConv2d` is an ``nn.Conv2d`` (same parameters and state dict) whose training forward and backward
 follow those rules; :func:`swap_convs` turns a network's plain convs into it (the engine does this on the CPU
@@ -48,17 +51,24 @@ _NHWC = torch.channels_last
 class ConvPlan:
     """How one conv shape runs: the forward's layout and the weight gradient's kernel."""
 
-    forward: str = "nchw"  # nchw | nhwc | winograd
-    weight_grad: str = "native"  # native (oneDNN's, NCHW) | nhwc | transposed (a forward conv) | winograd
+    forward: str = "nchw"  # nchw | nhwc | winograd2 | winograd4 (F(m x m, 3x3), m = the digit)
+    weight_grad: str = "native"  # native (oneDNN's, NCHW) | nhwc | transposed (a forward conv) | winograd2/4
 
     def usable_for(self, conv: nn.Conv2d, in_hw: tuple[int, ...]) -> bool:
-        """Winograd plans only compute 3x3, stride-1, padding-1 convs of even maps; the others any conv."""
-        wants_winograd = "winograd" in (self.forward, self.weight_grad)
-        return not wants_winograd or winograd.applies(conv.kernel_size, conv.stride, conv.padding, in_hw)
+        """Winograd F(m x m) only computes 3x3, stride-1, padding-1 convs of maps whose sides are multiples of
+        m; the other plans any conv."""
+        tiles = {winograd_tile(part) for part in (self.forward, self.weight_grad)} - {None}
+        return all(winograd.applies(conv.kernel_size, conv.stride, conv.padding, in_hw, m) for m in tiles)
+
+
+def winograd_tile(kernel: str) -> int | None:
+    """m of a "winogradm" kernel name; None for the direct kernels."""
+    return int(kernel.removeprefix("winograd")) if kernel.startswith("winograd") else None
 
 
 PLAIN = ConvPlan()
-WINOGRAD = ConvPlan("winograd", "winograd")
+WINOGRAD2 = ConvPlan("winograd2", "winograd2")
+WINOGRAD4 = ConvPlan("winograd4", "winograd4")
 
 
 def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...], winograd_ok: bool = True) -> ConvPlan:
@@ -69,13 +79,16 @@ def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...], winograd_ok: bool = True) 
     channels = min(conv.in_channels, conv.out_channels)
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
+    big = channels >= 200 or in_hw[0] * in_hw[1] >= 32 * 32  # 160 @8: 1.06x, 320 @4: 0.8-1.04x
+    if winograd_ok and big and WINOGRAD4.usable_for(conv, in_hw):
+        return WINOGRAD4  # measured 0.61x (400 @8) to 0.79x (100 @32) of plain
     if (
         winograd_ok
         and channels >= 200
         and in_hw[0] * in_hw[1] <= 16 * 16
-        and WINOGRAD.usable_for(conv, in_hw)
+        and WINOGRAD2.usable_for(conv, in_hw)
     ):
-        return WINOGRAD  # measured 0.56x (800 @4) to 0.87x (200 @16) of the best direct plan
+        return WINOGRAD2  # measured 0.56x (800 @4) to 0.87x (200 @16) of the best direct plan
     forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
     if out_hw[0] * out_hw[1] <= 4 * 4 and channels >= 512:  # measured: 800 channels 1.2-1.5x, 320 none
         weight_grad = "transposed"
@@ -118,9 +131,9 @@ def _forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d, plan: ConvPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output in NCHW, the input as the conv read it)."""
-    if plan.forward == "winograd":
+    if m := winograd_tile(plan.forward):
         x_nhwc = x.contiguous(memory_format=_NHWC)
-        return _nchw(winograd.conv3x3(x_nhwc.permute(0, 2, 3, 1), weight, bias)), x_nhwc
+        return _nchw(winograd.conv3x3(x_nhwc.permute(0, 2, 3, 1), weight, bias, m)), x_nhwc
     if plan.forward == "nhwc":
         x_nhwc = x.contiguous(memory_format=_NHWC)
         w_nhwc = weight.contiguous(memory_format=_NHWC)
@@ -136,7 +149,7 @@ class _TunedConvFunction(torch.autograd.Function):
             raise ValueError(f"conv plan {plan} cannot compute {conv} on a {tuple(x.shape[-2:])} map")
         y, x_used = _forward(x, weight, bias, conv, plan)
         # Keep one copy of the input: the NHWC one when the weight gradient wants it, else the caller's.
-        keep = x_used if plan.weight_grad in ("nhwc", "winograd") else x
+        keep = x_used if plan.weight_grad == "nhwc" or winograd_tile(plan.weight_grad) else x
         ctx.save_for_backward(keep, weight)
         ctx.conv, ctx.plan, ctx.has_bias = conv, plan, bias is not None
         return y
@@ -148,17 +161,18 @@ class _TunedConvFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
-        winograd_dy = _nhwc(grad_out) if "winograd" in (plan.forward, plan.weight_grad) else None
+        forward_m, weight_grad_m = winograd_tile(plan.forward), winograd_tile(plan.weight_grad)
+        dy_nhwc = _nhwc(grad_out) if forward_m or weight_grad_m else None
         if need_x:  # backprop only; layer-local units detach their input
-            if plan.forward == "winograd":  # dx: the conv of dy with the flipped, transposed kernel
-                grad_x = _nchw(winograd.conv3x3(winograd_dy, weight.transpose(0, 1).flip(2, 3)))
+            if forward_m:  # dx: the conv of dy with the flipped, transposed kernel
+                grad_x = _nchw(winograd.conv3x3(dy_nhwc, weight.transpose(0, 1).flip(2, 3), None, forward_m))
             else:
                 grad_x = torch.ops.aten.convolution_backward(
                     grad_out, x, weight, None, *args, [True, False, False]
                 )[0].contiguous()
         if need_w:
-            if plan.weight_grad == "winograd":
-                grad_w = winograd.weight_grad3x3(_nhwc(x), winograd_dy)
+            if weight_grad_m:
+                grad_w = winograd.weight_grad3x3(_nhwc(x), dy_nhwc, weight_grad_m)
             elif plan.weight_grad == "transposed":
                 grad_w = weight_grad_transposed(x, grad_out, conv.kernel_size, conv.stride, conv.padding)
             elif plan.weight_grad == "nhwc":

@@ -55,9 +55,9 @@ Each block is one run of the command it names: every round times one engine epoc
 Variants: `base` the plain PyTorch chain (nn.Dropout, unfused ReLU/dropout/pooling, glibc's default malloc,
 plain convs), `fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropout-pooling node,
 `plainconv` + glibc keeping freed memory and fused CPU AdamW, `direct` + convs planned by shape
-(`train.cpu_conv=direct`), `fused` every default (+ Winograd for the 3x3 stride-1 convs of 200+ channels on
-16x16 maps and below, `train.cpu_conv=tuned`; blocks before a switch existed call every default of their day
-`fused`);
+(`train.cpu_conv=direct`), `fused` every default (+ Winograd for the 3x3 stride-1 convs, `train.cpu_conv=tuned`:
+F(2x2, 3x3) in the block of 2026-11-28 00:30, F(4x4, 3x3) after; blocks before a switch existed call every
+default of their day `fused`);
 `standin_caw` is scripts/standin.py, the spec's CAW layer written the plain way. `train.keep_cpu_memory` is
 process-wide, so `plainconv`, `direct` and `fused` run in their own process: compare their img/s with the block before
 on idle cores (each header gives the load average)."""

@@ -25,8 +25,16 @@ cawbench_inplace.setup()
 
 from ab_engine import write_markdown  # noqa: E402
 
+from cawbench.archs import _conv_out  # noqa: E402
 from cawbench.bench import random_data  # noqa: E402
-from cawbench.cpu_conv import WINOGRAD, ConvPlan, _TunedConvFunction, plan_for  # noqa: E402
+from cawbench.cpu_conv import (  # noqa: E402
+    PLAIN,
+    WINOGRAD2,
+    WINOGRAD4,
+    ConvPlan,
+    _TunedConvFunction,
+    plan_for,
+)
 from cawbench.engine import Trainer, keep_freed_cpu_memory  # noqa: E402
 from cawbench.method import resolve_config  # noqa: E402
 
@@ -34,11 +42,13 @@ TITLE = """# CPU conv plans timed per shape (scripts/conv_layouts.py)
 
 Each block is one run of the command it names: for every distinct conv shape of the network, one forward and
 weight gradient (as a layer-local unit trains; dy = ones) under each plan (forward layout / weight-gradient
-kernel), the plans interleaved round by round; median ms (– where a plan cannot compute the shape: Winograd
-takes 3x3 stride-1 convs only). `plan_for` is the fixed rule `cawbench.cpu_conv` applies in training
-(`train.cpu_conv=tuned`, the CPU default)."""
+kernel; `winogradm` is Winograd F(m x m, 3x3), cawbench/winograd.py), the plans interleaved round by round;
+median ms (– where a plan cannot compute the shape: Winograd F(m x m) takes 3x3 stride-1 convs on maps whose
+sides are multiples of m). `plan_for` is the fixed rule `cawbench.cpu_conv` applies in training
+(`train.cpu_conv=tuned`, the CPU default). Blocks from 2026-11-28 on also give each plan's float32 error."""
 DIRECT = [ConvPlan(f, w) for f, w in itertools.product(("nchw", "nhwc"), ("native", "nhwc", "transposed"))]
-PLANS = [*DIRECT, WINOGRAD]
+PLANS = [*DIRECT, WINOGRAD2, WINOGRAD4]
+ACCURACY_PLANS = [PLAIN, WINOGRAD2, WINOGRAD4]  # float32 error against float64, per shape
 
 
 def conv_shapes(method: str, width: float, batch: int, size: int) -> list[tuple[torch.nn.Conv2d, tuple, int]]:
@@ -77,6 +87,30 @@ def time_plan(conv: torch.nn.Conv2d, x: torch.Tensor, plan: ConvPlan) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def plan_errors(conv: torch.nn.Conv2d, x: torch.Tensor) -> dict[ConvPlan, tuple[float, float]]:
+    """(forward, weight-gradient) float32 error of each of ACCURACY_PLANS against float64 sums, as the largest
+    absolute difference over the largest absolute entry; a random dy."""
+    out_hw = [_conv_out(*args) for args in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding)]
+    dy = torch.randn(x.shape[0], conv.out_channels, *out_hw)
+    args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
+    w64 = conv.weight.detach().double()
+    y64 = torch.nn.functional.conv2d(x.double(), w64, None, conv.stride, conv.padding)
+    dw64 = torch.ops.aten.convolution_backward(
+        dy.double(), x.double(), w64, None, *args, [False, True, False]
+    )[1]
+    errors = {}
+    for plan in ACCURACY_PLANS:
+        if not plan.usable_for(conv, x.shape[-2:]):
+            continue
+        weight = conv.weight.detach().requires_grad_(True)
+        y = _TunedConvFunction.apply(x, weight, None, conv, plan)
+        (dw,) = torch.autograd.grad(y, weight, dy)
+        errors[plan] = tuple(
+            ((got.double() - ref).abs().max() / ref.abs().max()).item() for got, ref in ((y, y64), (dw, dw64))
+        )
+    return errors
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", default="caw_conv")
@@ -103,7 +137,7 @@ def main() -> None:
         name = (
             f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} @{shape[-1]}"
         )
-        rows.append((name, count, median, best, chosen))
+        rows.append((name, count, median, best, chosen, plan_errors(conv, x)))
         print(name, {f"{k.forward}/{k.weight_grad}": round(v, 1) for k, v in median.items()}, flush=True)
     lines = [
         "| conv (in->out, kernel, stride, @input) | in net | "
@@ -112,7 +146,7 @@ def main() -> None:
         "|---" * (len(PLANS) + 5) + "|",
     ]
     total_plain = total_chosen = 0.0
-    for name, count, median, best, chosen in rows:
+    for name, count, median, best, chosen, _ in rows:
         plain, picked = median[ConvPlan()], median[chosen]
         total_plain, total_chosen = total_plain + count * plain, total_chosen + count * picked
         cells = " | ".join(f"{median[k]:.1f}" if k in median else "–" for k in PLANS)
@@ -124,6 +158,17 @@ def main() -> None:
         f"\nOne training step's convs (each shape times its count): plain {total_plain:.0f} ms, "
         f"plan_for {total_chosen:.0f} ms ({total_chosen / total_plain:.2f}x)."
     )
+    lines += [
+        "\nFloat32 error against float64 sums (largest absolute difference / largest absolute entry; random x"
+        " and dy), forward / weight gradient:\n",
+        "| conv | " + " | ".join(f"{k.forward}/{k.weight_grad}" for k in ACCURACY_PLANS) + " |",
+        "|---" * (len(ACCURACY_PLANS) + 1) + "|",
+    ]
+    for name, *_, errors in rows:
+        cells = " | ".join(
+            f"{errors[k][0]:.1e} / {errors[k][1]:.1e}" if k in errors else "–" for k in ACCURACY_PLANS
+        )
+        lines.append(f"| {name} | {cells} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
