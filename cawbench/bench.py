@@ -52,6 +52,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cawbench.config import ConfigError, DataConfig, parse_override
+from cawbench.cpu_conv import plain_convs
 from cawbench.data import BatchTransform, DataInfo, PreparedData, Split
 
 REFERENCE = "backprop"
@@ -315,7 +316,7 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     row["host_reads_per_step"] = reads.count
     from torch.utils.flop_counter import FlopCounterMode
 
-    with _force_eager():
+    with _force_eager(), plain_convs():  # the direct convolution's FLOPs, whatever algorithm ran
         counter = FlopCounterMode(display=False)
         with counter:
             trainer.step(x, y, ctx, weights, active, StepStats(len(trainer.units), device))
@@ -480,7 +481,8 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         "at once by a sequential layer-local step), `sum` = all units. Peak MB = max CUDA memory allocated "
         "over the timed training epochs (parameters, optimiser state, resident data included). FLOPs from "
         "`torch.utils.flop_counter.FlopCounterMode` over one training step (forward + the backward work "
-        "really done), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
+        "really done; convs counted as the direct convolution, so CPU Winograd's fewer multiplies do not lower "
+        "the figure), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
         "step that need a value on the host (`.item()`, `bool(t)`, `nonzero`, ...): device syncs on a GPU.",
         "",
     ]

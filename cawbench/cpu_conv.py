@@ -14,8 +14,8 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
 - stride-1 3x3 convs of 200 channels and more, or of 100 and more on 32x32 maps and larger, run forward and
   weight gradient as Winograd F(4x4, 3x3) (``cawbench/winograd.py``; 4x fewer multiply-adds) where the map's
   sides are multiples of 4: at width 1.0 0.61x (400 @8x8) to 0.79x (100 @32x32) the plain conv's time and
-  0.66-0.81x F(2x2, 3x3)'s. Counting the layout conversions it did not pay on 160 @8x8 (1.06x) and was about
-  even on 320 @4x4 (0.8-1.04x in three runs). Maps with even sides not divisible by 4 take F(2x2, 3x3) from
+  0.66-0.81x F(2x2, 3x3)'s. Counting the layout conversions, 160 @8x8 and 320 @4x4 (width 0.4) came out
+  between 0.8x and 1.06x from run to run; the rule leaves 160 channels direct. Maps with even sides not divisible by 4 take F(2x2, 3x3) from
   200 channels at 16x16 and below (0.56-0.87x the direct plans where it was measured).
 - Winograd rounds differently from the direct sums. Against float64 (``scripts/conv_layouts.py``'s second
   table), F(4x4)'s forward is off by about 1e-5 of the largest output (direct: 3e-7; F(2x2): 5e-7) and its
@@ -35,6 +35,8 @@ by an exact identity): they agree with the plain conv's to float32 rounding (``t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,7 @@ from cawbench import winograd
 from cawbench.archs import _conv_out
 
 _NHWC = torch.channels_last
+_plain_only = False  # process-wide, so that pipeline worker threads see it too
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...], winograd_ok: bool = True) 
     channels = min(conv.in_channels, conv.out_channels)
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
-    big = channels >= 200 or in_hw[0] * in_hw[1] >= 32 * 32  # 160 @8: 1.06x, 320 @4: 0.8-1.04x
+    big = channels >= 200 or in_hw[0] * in_hw[1] >= 32 * 32  # 160 @8: 0.87x and 1.06x, left direct
     if winograd_ok and big and WINOGRAD4.usable_for(conv, in_hw):
         return WINOGRAD4  # measured 0.61x (400 @8) to 0.79x (100 @32) of plain
     if (
@@ -197,7 +200,7 @@ class TunedConv2d(nn.Conv2d):
     winograd_ok: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+        if _plain_only or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
             return super().forward(x)
         plan = plan_for(self, x.shape[-2:], self.winograd_ok)
         if plan == PLAIN:
@@ -205,6 +208,18 @@ class TunedConv2d(nn.Conv2d):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _TunedConvFunction.apply(x, self.weight, self.bias, self, plan)
         return _forward(x, self.weight, self.bias, self, plan)[0]
+
+
+@contextlib.contextmanager
+def plain_convs() -> Iterator[None]:
+    """Inside, every :class:`TunedConv2d` runs as the plain conv: e.g. to count the convolution's nominal
+    FLOPs, which Winograd's fewer multiplies would otherwise hide (``cawbench bench``)."""
+    global _plain_only
+    before, _plain_only = _plain_only, True
+    try:
+        yield
+    finally:
+        _plain_only = before
 
 
 def swap_convs(module: nn.Module, winograd_ok: bool = True) -> int:

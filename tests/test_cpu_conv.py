@@ -18,6 +18,7 @@ from cawbench.cpu_conv import (
     ConvPlan,
     TunedConv2d,
     _TunedConvFunction,
+    plain_convs,
     plan_for,
     swap_convs,
     weight_grad_transposed,
@@ -196,3 +197,24 @@ def test_engine_tunes_cpu_convs_by_default_with_the_plain_updates(tiny_config):
 def test_bad_cpu_conv_mode_names_the_choices(tiny_config):
     with pytest.raises(ConfigError, match=r"train.cpu_conv='fast'.*tuned, direct, plain"):
         tiny_config(train__cpu_conv="fast")
+
+
+def test_plain_convs_counts_the_direct_convolutions_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = nn.Conv2d(200, 200, 3, padding=1, bias=False)
+    swap_convs(conv)
+    x = torch.randn(32, 200, 4, 4)
+
+    def flops() -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            conv(x)
+        return counter.get_total_flops()
+
+    assert plan_for(conv, (4, 4)) == WINOGRAD4
+    direct = 2 * (32 * 4 * 4) * 200 * 200 * 9  # 2 FLOPs per multiply-add, one per output and tap
+    winograd_flops = flops()  # what ran: 36 products of [32 x 200] @ [200 x 200], plus the transforms
+    with plain_convs():
+        assert flops() == direct
+    assert winograd_flops < direct and flops() == winograd_flops  # and the switch is undone on exit
