@@ -33,8 +33,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-TILES = (2, 4)  # the output tile sizes m implemented
-
 # 1-D transforms (Lavin & Gray): B^T [(m+2) x (m+2)], G [(m+2) x 3], A^T [m x (m+2)].
 _MATRICES = {
     2: (
@@ -50,6 +48,7 @@ _MATRICES = {
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
     ),
 }  # fmt: skip
+TILES = tuple(_MATRICES)  # the output tile sizes m implemented
 
 
 @functools.cache
