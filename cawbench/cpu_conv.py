@@ -15,13 +15,14 @@ Measured on this project's 2-core AVX-512 machine (``scripts/conv_layouts.py``, 
   weight gradient as Winograd F(4x4, 3x3) (``cawbench/winograd.py``; 4x fewer multiply-adds) where the map's
   sides are multiples of 4: at width 1.0 0.61x (400 @8x8) to 0.79x (100 @32x32) the plain conv's time and
   0.66-0.81x F(2x2, 3x3)'s. Counting the layout conversions, 160 @8x8 and 320 @4x4 (width 0.4) came out
-  between 0.8x and 1.06x from run to run; the rule leaves 160 channels direct. Maps with even sides not divisible by 4 take F(2x2, 3x3) from
-  200 channels at 16x16 and below (0.56-0.87x the direct plans where it was measured).
+  between 0.8x and 1.06x from run to run; the rule leaves 160 channels direct. Maps with even sides not
+  divisible by 4 take F(2x2, 3x3) from 200 channels at 16x16 and below (0.56-0.87x the direct plans where it
+  was measured).
 - Winograd rounds differently from the direct sums. Against float64 (``scripts/conv_layouts.py``'s second
   table), F(4x4)'s forward is off by about 1e-5 of the largest output (direct: 3e-7; F(2x2): 5e-7) and its
   weight gradient by about 7e-6 (direct: 2e-6 to 8e-6). Winograd is among the algorithms cuDNN's autotuner
-  picks for float32 convs, and this is far below bf16's or TF32's rounding. ``train.cpu_conv=direct`` keeps the direct
-  plans only.
+  picks for float32 convs, and this is far below bf16's or TF32's rounding. ``train.cpu_conv=direct`` keeps
+  the direct plans only.
 
 At ResNet-17 width 0.4 (40 to 320 channels) no direct plan helped (the A/B runs were 0.90-0.97x with NHWC
 weight gradients on its 160-channel layers); only its three 320-channel 4x4 convs take Winograd.
@@ -82,17 +83,14 @@ def plan_for(conv: nn.Conv2d, in_hw: tuple[int, ...], winograd_ok: bool = True) 
     channels = min(conv.in_channels, conv.out_channels)
     if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or channels < 100:
         return PLAIN
-    big = channels >= 200 or in_hw[0] * in_hw[1] >= 32 * 32  # 160 @8: 0.87x and 1.06x, left direct
-    if winograd_ok and big and WINOGRAD4.usable_for(conv, in_hw):
-        return WINOGRAD4  # measured 0.61x (400 @8) to 0.79x (100 @32) of plain
-    if (
-        winograd_ok
-        and channels >= 200
-        and in_hw[0] * in_hw[1] <= 16 * 16
-        and WINOGRAD2.usable_for(conv, in_hw)
-    ):
-        return WINOGRAD2  # measured 0.56x (800 @4) to 0.87x (200 @16) of the best direct plan
-    forward = "nhwc" if in_hw[0] * in_hw[1] >= 32 * 32 else "nchw"
+    area = in_hw[0] * in_hw[1]
+    if winograd_ok:
+        # 160 @8 measured 0.87x and 1.06x: left direct
+        if (channels >= 200 or area >= 32 * 32) and WINOGRAD4.usable_for(conv, in_hw):
+            return WINOGRAD4  # measured 0.61x (400 @8) to 0.79x (100 @32) of plain
+        if channels >= 200 and area <= 16 * 16 and WINOGRAD2.usable_for(conv, in_hw):
+            return WINOGRAD2  # measured 0.56x (800 @4) to 0.87x (200 @16) of the best direct plan
+    forward = "nhwc" if area >= 32 * 32 else "nchw"
     if out_hw[0] * out_hw[1] <= 4 * 4 and channels >= 512:  # measured: 800 channels 1.2-1.5x, 320 none
         weight_grad = "transposed"
     elif forward == "nhwc" or (conv.stride == (1, 1) and out_hw[0] * out_hw[1] >= 8 * 8 and channels >= 200):

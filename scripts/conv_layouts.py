@@ -25,7 +25,6 @@ cawbench_inplace.setup()
 
 from ab_engine import write_markdown  # noqa: E402
 
-from cawbench.archs import _conv_out  # noqa: E402
 from cawbench.bench import random_data  # noqa: E402
 from cawbench.cpu_conv import (  # noqa: E402
     PLAIN,
@@ -90,11 +89,10 @@ def time_plan(conv: torch.nn.Conv2d, x: torch.Tensor, plan: ConvPlan) -> float:
 def plan_errors(conv: torch.nn.Conv2d, x: torch.Tensor) -> dict[ConvPlan, tuple[float, float]]:
     """(forward, weight-gradient) float32 error of each of ACCURACY_PLANS against float64 sums, as the largest
     absolute difference over the largest absolute entry; a random dy."""
-    out_hw = [_conv_out(*args) for args in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding)]
-    dy = torch.randn(x.shape[0], conv.out_channels, *out_hw)
     args = (conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups)
     w64 = conv.weight.detach().double()
     y64 = torch.nn.functional.conv2d(x.double(), w64, None, conv.stride, conv.padding)
+    dy = torch.randn(y64.shape)
     dw64 = torch.ops.aten.convolution_backward(
         dy.double(), x.double(), w64, None, *args, [False, True, False]
     )[1]
@@ -147,7 +145,7 @@ def main() -> None:
     ]
     total_plain = total_chosen = 0.0
     for name, count, median, best, chosen, _ in rows:
-        plain, picked = median[ConvPlan()], median[chosen]
+        plain, picked = median[PLAIN], median[chosen]
         total_plain, total_chosen = total_plain + count * plain, total_chosen + count * picked
         cells = " | ".join(f"{median[k]:.1f}" if k in median else "–" for k in PLANS)
         lines.append(
