@@ -1,4 +1,6 @@
-"""The paper comparison: every row of ``paper_results.csv`` beside our mean ± std and the difference.
+"""The paper comparison: every row of ``paper_results.csv`` beside our mean ± std and the difference, and
+beside every other known result of ours (full-data GPU runs listed in ``studies/known_results.yaml``), one
+column per budget, each labelled, so a reader sees the paper and all of ours in one place.
 
 Matching a paper row to our runs: method and dataset by name (``CAW-Conv`` = ``caw_conv``,
 ``Fashion-MNIST`` = ``fashion-mnist``, ...); the paper's ``CHx3`` variant matches runs labelled CHx3 (or
@@ -19,19 +21,11 @@ from typing import Any
 
 import pandas as pd
 
+from cawbench.config import ConfigError
 from cawbench.reporting.aggregate import MISSING, aggregate, format_cell, format_number
+from cawbench.reporting.methods_info import method_report_info, registered_methods
 from cawbench.reporting.source import best_configs
 
-PAPER_METHODS = {  # normalised paper name -> registered method
-    "cawconv": "caw_conv",
-    "deeperforward": "deeperforward",
-    "cwcomp": "cwcomp",
-    "cafo": "cafo",
-    "symba": "symba",
-    "ff": "ff",
-    "backprop": "backprop",
-    "bp": "backprop",
-}
 ACCURACY_COLUMNS = {
     "final_test_acc": "final-epoch test (choices on validation)",
     "max_test_acc": "best-epoch test (max over epochs)",
@@ -43,8 +37,105 @@ def default_paper_results() -> Path:
     return Path(__file__).resolve().parents[2] / "studies" / "paper_results.csv"
 
 
+def default_known_results() -> Path:
+    """``studies/known_results.yaml`` of the project."""
+    return default_paper_results().with_name("known_results.yaml")
+
+
 def _norm(text: Any) -> str:
     return re.sub(r"[^a-z0-9]", "", str(text).lower())
+
+
+def paper_method(name: Any) -> str | None:
+    """The registered method a paper-table name stands for (each method declares its paper names)."""
+    wanted = _norm(name)
+    for method in registered_methods():
+        info = method_report_info(method)
+        if wanted in {_norm(n) for n in (*info.paper_names, info.label, method)}:
+            return method
+    return None
+
+
+def load_known_results(path: Path | None = None) -> list[dict[str, Any]]:
+    """The result rows listed in a known-results YAML (see ``studies/known_results.yaml``), each with
+    ``known_source`` (its file) and ``known_what`` added. Paths are relative to the folder above the
+    YAML's (the project root for ``studies/known_results.yaml``)."""
+    import json
+
+    import yaml
+
+    path = Path(path) if path is not None else default_known_results()
+    if not path.is_file():
+        raise ConfigError(f"known results list {path} not found; pass --known-results PATH (or none)")
+    entries = yaml.safe_load(path.read_text()) or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path} must hold a list of entries with `path`")
+    root = path.resolve().parents[1]
+    rows: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ConfigError(f"{path}: entry {i} needs a `path` (got {entry!r})")
+        file = root / str(entry["path"])
+        if not file.is_file():
+            raise ConfigError(f"{path}: entry {i}: {file} not found")
+        text = file.read_text()
+        found = [json.loads(text)] if file.suffix == ".json" else [
+            json.loads(line) for line in text.splitlines() if line.strip()
+        ]  # fmt: skip
+        where = dict(entry.get("where") or {})
+        for row in found:
+            if not isinstance(row, dict) or "method" not in row or "final_test_acc" not in row:
+                continue
+            if any(row.get(k) != v for k, v in where.items()):
+                continue
+            merged = {**dict(entry.get("defaults") or {}), **row}
+            merged.update(known_source=str(entry["path"]), known_what=str(entry.get("what") or ""))
+            rows.append(merged)
+    return rows
+
+
+def short_device(device: Any) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``H100``; ``cpu (x86_64, 2 cores)`` -> ``CPU``."""
+    text = str(device or "").strip()
+    if not text or text.lower().startswith("cpu"):
+        return "CPU" if text else "unknown device"
+    words = [w for w in text.replace("NVIDIA", "").split() if w]
+    out = []
+    for word in words:
+        out.append(word)
+        if any(c.isdigit() for c in word):
+            break
+    return " ".join(out) or text
+
+
+def known_budget(row: dict[str, Any]) -> tuple[str, str]:
+    """(column label, budget note of the cell) of a known result row."""
+    device = short_device(row.get("device"))
+    epochs, planned = row.get("epochs"), row.get("epochs_planned")
+    partial = bool(row.get("truncated")) or (
+        isinstance(epochs, int) and isinstance(planned, int) and epochs < planned
+    )
+    if partial:
+        note = f"{epochs}/{planned} ep" if planned else f"{epochs} ep"
+        return f"ours: {device}, recipe stopped early (epochs run/planned)", note
+    return f"ours: {device}, full recipe", ""
+
+
+def known_frame(known: list[dict[str, Any]]) -> pd.DataFrame:
+    """Known result rows with the columns :func:`matching_runs` reads."""
+    if not known:
+        return pd.DataFrame()
+    frame = pd.DataFrame(known)
+    for col in ("study_variant", "variant", "depth", "width"):
+        if col not in frame.columns:
+            frame[col] = None
+    frame["label"] = frame["method"].astype(str)
+    frame["depth_label"] = ["default" if d is None or d != d else str(int(d)) for d in frame["depth"]]
+    frame["width"] = pd.to_numeric(frame["width"], errors="coerce").fillna(1.0)
+    budgets = [known_budget(r) for r in frame.to_dict("records")]
+    frame["budget_column"] = [b[0] for b in budgets]
+    frame["budget_note"] = [b[1] for b in budgets]
+    return frame
 
 
 def load_paper_results(path: Path | None = None) -> pd.DataFrame:
@@ -66,7 +157,7 @@ def matching_runs(rows: pd.DataFrame, paper_row: pd.Series, reference: str | Non
     """Our runs for one paper row: same method and dataset, CHx3 or not; then, each step only where it
     leaves some runs: the study variant named for that row, the reference/method-named variant, the
     paper's width (1, or 3 for CHx3) at the default depth."""
-    method = _text(paper_row.get("method_key")) or PAPER_METHODS.get(_norm(paper_row["method"]))
+    method = _text(paper_row.get("method_key")) or paper_method(paper_row["method"])
     dataset = _norm(_text(paper_row.get("dataset_key")) or paper_row["dataset"])
     if method is None or rows.empty:
         return rows.iloc[0:0]
@@ -93,9 +184,19 @@ def _text(value: Any) -> str | None:
 
 
 def paper_comparison(
-    rows: pd.DataFrame, paper: pd.DataFrame, objective: str, direction: str, reference: str | None
+    rows: pd.DataFrame,
+    paper: pd.DataFrame,
+    objective: str,
+    direction: str,
+    reference: str | None,
+    known: pd.DataFrame | None = None,
+    scale: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(display table of strings, numeric table). One row per paper row, in the CSV's order."""
+    """(display table of strings, numeric table). One row per paper row, in the CSV's order: the paper's
+    number, this report's runs (both accuracy columns, with Δ), then one column per known-result budget."""
+    known = known if known is not None else pd.DataFrame()
+    columns = list(dict.fromkeys(known["budget_column"])) if len(known) else []
+    ours = f"ours ({scale} scale)" if scale else "ours"
     display, numeric = [], []
     for _, p in paper.iterrows():
         runs = matching_runs(rows, p, reference)
@@ -115,10 +216,22 @@ def paper_comparison(
             agg = aggregate(runs.assign(_all=0), ["_all"], col) if not runs.empty else None
             mean, std, n = agg.iloc[0][["mean", "std", "n"]] if agg is not None else (None, None, 0)
             diff = float(mean) - float(paper_acc) if n and not math.isnan(float(mean)) else None
-            d[f"ours: {name}"] = format_cell(mean, std, n)
+            d[f"{ours}: {name}"] = format_cell(mean, std, n)
             d[f"Δ {name.split(' (')[0]} − paper"] = format_number(diff, signed=True)
             n_row.update({f"{col}_mean": mean, f"{col}_std": std, f"{col}_n": n, f"{col}_diff": diff})
         d["our runs"] = _setting(runs)
+        matched = matching_runs(known, p, None) if len(known) else known
+        for column in columns:
+            sub = matched[matched["budget_column"] == column] if len(matched) else matched
+            if sub.empty:
+                d[column] = MISSING
+                n_row.update({f"{column}: mean": None, f"{column}: n": 0})
+                continue
+            agg = aggregate(sub.assign(_all=0), ["_all"], "final_test_acc").iloc[0]
+            notes = ", ".join(dict.fromkeys(n for n in sub["budget_note"] if n))
+            d[column] = format_cell(agg["mean"], agg["std"], agg["n"]) + (f", {notes}" if notes else "")
+            n_row.update({f"{column}: mean": agg["mean"], f"{column}: std": agg["std"], f"{column}: n": agg["n"],
+                          f"{column}: budget": notes or "full recipe"})  # fmt: skip
         d["paper note"] = p.get("note") if isinstance(p.get("note"), str) else MISSING
         display.append(d)
         numeric.append(n_row)
