@@ -60,8 +60,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--known-results",
-        help="known results YAML for the paper comparison, or 'none' (default: the report folder's copy, "
-        "else studies/known_results.yaml)",
+        help="known results CSV for the paper comparison, or 'none' (default: the report folder's copy, "
+        "else studies/known_results.csv)",
     )
     p.add_argument(
         "--index",
@@ -74,9 +74,10 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run_report)
 
 
-def command_line(args: argparse.Namespace, out: Path) -> str:
-    """The command as a user would type it (flags that were given, the resolved output folder)."""
-    parts = ["cawbench", "report", args.target, "--out", str(out)]
+def command_line(args: argparse.Namespace, out: Path | None) -> str:
+    """The command as a user would type it (flags that were given, the resolved output folder; None: the
+    report folder re-rendered in place)."""
+    parts = ["cawbench", "report", args.target] + (["--out", str(out)] if out is not None else [])
     if args.out_dir != "runs":
         parts += ["--out-dir", args.out_dir]
     for flag in ("storage", "scale", "paper_results", "known_results"):
@@ -118,7 +119,7 @@ def run_report(args: argparse.Namespace) -> int:
     report = render_report(
         source,
         out,
-        command_line(args, out),
+        command_line(args, None if out == source.snapshot and not args.out else out),
         Path(args.paper_results) if args.paper_results else None,
         args.known_results,
     )

@@ -14,8 +14,8 @@ hand from the numbers::
       seeds: "-"
       command: cawbench bench --out reports/bench/cpu.md
 
-A value in index.yaml wins over the one read from the folder. The date falls back to the last commit that
-touched the folder.
+What a rendered folder says about itself wins over index.yaml (it is regenerated with the report); the
+finding always comes from index.yaml. The date falls back to the last commit that touched the folder.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ def folder_facts(folder: Path) -> dict[str, Any]:
     meta = json.loads(source.read_text())
     facts = meta.get("facts") or {}
     rows = read_results(folder / "data" / "results.jsonl")
+    command = meta.get("command")
+    if facts.get("spec_name") and meta.get("scale") and meta.get("origin") == "study":
+        run = (
+            f"cawbench study run {facts['spec_name']} --scale {meta['scale']} --out-dir {meta.get('out_dir')}"
+        )
+        command = f"{run}` then `{command}" if command else run
     seeds = facts.get("seeds") or sorted({r.get("seed") for r in rows if r.get("seed") is not None})
     finished = pd.to_datetime(
         pd.Series([r.get("finished_at") for r in rows]), errors="coerce", utc=True
@@ -59,7 +65,7 @@ def folder_facts(folder: Path) -> dict[str, Any]:
         "scale": meta.get("scale") or MISSING,
         "seeds": ", ".join(str(s) for s in seeds) or MISSING,
         "date": f"{finished.max():%Y-%m-%d}" if len(finished) else None,
-        "command": meta.get("command"),
+        "command": command,
     }
 
 

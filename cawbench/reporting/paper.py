@@ -1,5 +1,5 @@
 """The paper comparison: every row of ``paper_results.csv`` beside our mean ± std and the difference, and
-beside every other known result of ours (full-data GPU runs listed in ``studies/known_results.yaml``), one
+beside every other known result of ours (full-data GPU runs listed in ``studies/known_results.csv``), one
 column per budget, each labelled, so a reader sees the paper and all of ours in one place.
 
 Matching a paper row to our runs: method and dataset by name (``CAW-Conv`` = ``caw_conv``,
@@ -38,8 +38,8 @@ def default_paper_results() -> Path:
 
 
 def default_known_results() -> Path:
-    """``studies/known_results.yaml`` of the project."""
-    return default_paper_results().with_name("known_results.yaml")
+    """``studies/known_results.csv`` of the project."""
+    return default_paper_results().with_name("known_results.csv")
 
 
 def _norm(text: Any) -> str:
@@ -56,41 +56,58 @@ def paper_method(name: Any) -> str | None:
     return None
 
 
-def load_known_results(path: Path | None = None) -> list[dict[str, Any]]:
-    """The result rows listed in a known-results YAML (see ``studies/known_results.yaml``), each with
-    ``known_source`` (its file) and ``known_what`` added. Paths are relative to the folder above the
-    YAML's (the project root for ``studies/known_results.yaml``)."""
-    import json
-
+def _fields(text: Any) -> dict[str, Any]:
+    """``key=value; key=value`` with YAML scalars (``1.0``, ``false``, ``paper``) -> a dict."""
     import yaml
+
+    out: dict[str, Any] = {}
+    for item in str(text or "").split(";"):
+        if item.strip():
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{item.strip()!r} is not key=value")
+            out[key.strip()] = yaml.safe_load(value.strip())
+    return out
+
+
+def load_known_results(path: Path | None = None) -> list[dict[str, Any]]:
+    """The result rows listed in a known-results CSV (``studies/known_results.csv``: results the project's
+    own commands made outside a study, e.g. full-data GPU runs), each with ``known_source`` and
+    ``known_what`` added.
+
+    Columns: ``path`` of a result row (``.json``) or rows (``.jsonl``; lines without ``method`` and
+    ``final_test_acc`` are per-epoch records and are skipped), relative to the folder above the CSV's (the
+    project root); ``where``: ``key=value; ...`` a row must match; ``defaults``: ``key=value; ...`` for fields
+    the rows predate; ``what``: one line."""
+    import json
 
     path = Path(path) if path is not None else default_known_results()
     if not path.is_file():
         raise ConfigError(f"known results list {path} not found; pass --known-results PATH (or none)")
-    entries = yaml.safe_load(path.read_text()) or []
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path} must hold a list of entries with `path`")
+    entries = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"path", "where", "defaults", "what"} - set(entries.columns)
+    if missing:
+        raise ConfigError(f"{path} lacks the column(s) {', '.join(sorted(missing))}")
     root = path.resolve().parents[1]
     rows: list[dict[str, Any]] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise ConfigError(f"{path}: entry {i} needs a `path` (got {entry!r})")
-        file = root / str(entry["path"])
+    for i, entry in entries.iterrows():
+        file = root / entry["path"]
         if not file.is_file():
-            raise ConfigError(f"{path}: entry {i}: {file} not found")
+            raise ConfigError(f"{path}: row {i + 1}: {file} not found")
+        try:
+            where, defaults = _fields(entry["where"]), _fields(entry["defaults"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: row {i + 1}: {exc}") from None
         text = file.read_text()
         found = [json.loads(text)] if file.suffix == ".json" else [
             json.loads(line) for line in text.splitlines() if line.strip()
         ]  # fmt: skip
-        where = dict(entry.get("where") or {})
         for row in found:
             if not isinstance(row, dict) or "method" not in row or "final_test_acc" not in row:
                 continue
             if any(row.get(k) != v for k, v in where.items()):
                 continue
-            merged = {**dict(entry.get("defaults") or {}), **row}
-            merged.update(known_source=str(entry["path"]), known_what=str(entry.get("what") or ""))
-            rows.append(merged)
+            rows.append({**defaults, **row, "known_source": entry["path"], "known_what": entry["what"]})
     return rows
 
 
@@ -125,6 +142,7 @@ def known_frame(known: list[dict[str, Any]]) -> pd.DataFrame:
     """Known result rows with the columns :func:`matching_runs` reads."""
     if not known:
         return pd.DataFrame()
+    budgets = [known_budget(r) for r in known]  # from the rows as read (a frame makes ints floats)
     frame = pd.DataFrame(known)
     for col in ("study_variant", "variant", "depth", "width"):
         if col not in frame.columns:
@@ -132,7 +150,6 @@ def known_frame(known: list[dict[str, Any]]) -> pd.DataFrame:
     frame["label"] = frame["method"].astype(str)
     frame["depth_label"] = ["default" if d is None or d != d else str(int(d)) for d in frame["depth"]]
     frame["width"] = pd.to_numeric(frame["width"], errors="coerce").fillna(1.0)
-    budgets = [known_budget(r) for r in frame.to_dict("records")]
     frame["budget_column"] = [b[0] for b in budgets]
     frame["budget_note"] = [b[1] for b in budgets]
     return frame
@@ -179,6 +196,26 @@ def matching_runs(rows: pd.DataFrame, paper_row: pd.Series, reference: str | Non
     return sel
 
 
+def unpublished_rows(rows: pd.DataFrame, paper: pd.DataFrame, known: pd.DataFrame) -> list[pd.Series]:
+    """Rows for results of ours (this report's runs or known results) whose method and dataset no paper
+    row covers, so that every result stands in the table: the paper cell is empty ("no published number")."""
+    covered = {(paper_method(p["method"]), _norm(p["dataset"])) for _, p in paper.iterrows()}
+    out: dict[tuple[str, str], pd.Series] = {}
+    for frame in (rows, known):
+        if frame is None or frame.empty:
+            continue
+        for r in frame.to_dict("records"):
+            key = (str(r["method"]), _norm(r["dataset"]))
+            if key in covered or key in out:
+                continue
+            out[key] = pd.Series({
+                "method": method_report_info(key[0]).label, "architecture": _text(r.get("arch")) or MISSING,
+                "dataset": r["dataset"], "variant": "base", "top1_accuracy_pct": math.nan, "std_pct": math.nan,
+                "note": "no published number", "method_key": key[0], "dataset_key": r["dataset"],
+            })  # fmt: skip
+    return list(out.values())
+
+
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
@@ -198,7 +235,8 @@ def paper_comparison(
     columns = list(dict.fromkeys(known["budget_column"])) if len(known) else []
     ours = f"ours ({scale} scale)" if scale else "ours"
     display, numeric = [], []
-    for _, p in paper.iterrows():
+    specs = [p for _, p in paper.iterrows()] + unpublished_rows(rows, paper, known)
+    for p in specs:
         runs = matching_runs(rows, p, reference)
         if not runs.empty:
             runs = best_configs(runs, [], objective, direction)
@@ -213,7 +251,7 @@ def paper_comparison(
         n_row: dict[str, Any] = {k: p[k] for k in ("method", "architecture", "dataset", "variant")}
         n_row.update(paper_acc=paper_acc, paper_std=paper_std)
         for col, name in ACCURACY_COLUMNS.items():
-            agg = aggregate(runs.assign(_all=0), ["_all"], col) if not runs.empty else None
+            agg = aggregate(runs.assign(_all=0), ["_all"], col) if not runs.empty and col in runs else None
             mean, std, n = agg.iloc[0][["mean", "std", "n"]] if agg is not None else (None, None, 0)
             diff = float(mean) - float(paper_acc) if n and not math.isnan(float(mean)) else None
             d[f"{ours}: {name}"] = format_cell(mean, std, n)
@@ -245,7 +283,9 @@ def _setting(runs: pd.DataFrame) -> str:
     r = runs.iloc[0]
     width = f"w{float(r['width']):g}" if r.get("width") is not None else ""
     depth = f"depth {r['depth_label']}" if r.get("depth_label") not in (None, "default") else ""
-    parts = [str(r.get("arch")), depth, width, f"{int(r['epochs'])} ep", f"{int(r['n_train'])} train"]
+    epochs, n_train = pd.to_numeric(r.get("epochs"), "coerce"), pd.to_numeric(r.get("n_train"), "coerce")
+    parts = [str(r.get("arch")), depth, width, f"{int(epochs)} ep" if pd.notna(epochs) else "",
+             f"{int(n_train)} train" if pd.notna(n_train) else ""]  # fmt: skip
     if r.get("label") not in (None, r.get("method")):
         parts.insert(0, str(r["label"]))
     return ", ".join(p for p in parts if p)

@@ -187,7 +187,8 @@ class _Builder:
         self.parts.append(
             "**At a glance**\n\n" + "\n".join(f"- {line}" for line in self.report.summary) + "\n"
         )
-        finished = pd.to_datetime(rows.get("finished_at"), errors="coerce", utc=True).dropna()
+        finished = pd.to_datetime(rows.get("finished_at", pd.Series(dtype=object)), errors="coerce", utc=True)
+        finished = finished.dropna()
         if src.snapshot is not None:
             command = (
                 f"- **Command:** first rendered by `{src.command or MISSING}`; re-rendered from this "
@@ -464,7 +465,7 @@ class _Builder:
             )
             self.parts.append(
                 f"Columns `ours: <hardware>, ...`: full-data runs of the paper recipe made by the project's own "
-                f"commands outside this study (listed in `studies/known_results.yaml`), final-epoch test "
+                f"commands outside this study (listed in `studies/known_results.csv`), final-epoch test "
                 f"accuracy (n runs); a run stopped before the recipe's last epoch says how far it got "
                 f"(epochs run/planned). Sources: {sources}.\n"
             )
@@ -1181,7 +1182,8 @@ class _Builder:
         """Per row, the label of its backprop twin in this study (None: none ran), and notes for the
         rows without one naming the run that would be the twin."""
         bp = table[[is_backprop(m) for m in table["method"]]]
-        twins, notes = [], []
+        twins: list[str | None] = []
+        missing: dict[str, list[str]] = {}
         for row in table.to_dict("records"):
             if is_backprop(row["method"]):
                 twins.append(row["label"])
@@ -1189,15 +1191,19 @@ class _Builder:
             same = bp[(bp["device"] == row["device"]) & (bp["dataset"] == row["dataset"])
                       & (bp["network"] == row["network"])]  # fmt: skip
             if len(same):
-                pick = row.get("label") if row["label"] in set(same["label"]) else None
-                twins.append(pick or (self.src.reference if self.src.reference in set(same["label"])
-                                      else same["label"].iloc[0]))  # fmt: skip
+                labels = list(same["label"])
+                twins.append(self.src.reference if self.src.reference in labels else labels[0])
                 continue
             twins.append(None)
             recipe = method_report_info(row["method"]).bp_twin
-            hint = f" (`method: backprop, recipe: {recipe}` at this scale's sizes)" if recipe else ""
-            notes.append(f"`{row['label']}`: no backprop run of this study trains the same network{hint}, "
-                         "so no ratio is given")  # fmt: skip
+            hint = (
+                f" (a `method: backprop, recipe: {recipe}` variant at this scale's sizes)" if recipe else ""
+            )
+            missing.setdefault(hint, []).append(f"`{row['label']}`")
+        notes = [
+            f"{', '.join(labels)}: no backprop run of this study trains the same network{hint}, so no ratio"
+            for hint, labels in missing.items()
+        ]
         return twins, notes
 
     def runs(self) -> None:
@@ -1311,8 +1317,8 @@ def render_report(
     """Write the report folder for ``source`` and return what was written.
 
     ``paper_results``: the paper table (default: the one the report folder was rendered with, else the
-    project's); ``known_results``: a known-results YAML, ``"none"``, or None (the report folder's own, else
-    the project's ``studies/known_results.yaml``)."""
+    project's); ``known_results``: a known-results CSV, ``"none"``, or None (the report folder's own, else
+    the project's ``studies/known_results.csv``)."""
     from cawbench.reporting.paper import default_paper_results
     from cawbench.reporting.snapshot import write_snapshot
 

@@ -99,6 +99,12 @@ def load_source(
         return load_snapshot(path)
     if path.is_dir() and (path / "results.jsonl").is_file() and not path.suffix:
         return _from_results_folder(path)
+    if path.is_dir() and (path / "README.md").is_file() and not (path / "optuna.journal").is_file():
+        raise ConfigError(
+            f"{path} holds a report without its data (data/source.json): it was rendered before report "
+            "folders kept their data, so it can only be re-rendered from its study, with the command in its "
+            "README.md"
+        )
     spec = _try_spec(target)
     if spec is not None:
         scale = spec.check_scale(scale)
@@ -316,7 +322,18 @@ def normalise_rows(frame: pd.DataFrame, out_dir: Path, run_root: Path | None = N
       ``run_root`` when given, a report folder's copy, else as recorded or under ``<out_dir>/runs/``);
     - ``eval_images_per_s`` and ``epochs_recorded`` from the run's metrics."""
     df = frame.copy().reset_index(drop=True)
-    for col in ("variant", "study_variant", "config_id", "search_params", "depth", "width", "seed", "trial"):
+    for col in (
+        "variant",
+        "study_variant",
+        "config_id",
+        "search_params",
+        "depth",
+        "width",
+        "seed",
+        "trial",
+        "arch",
+        "run_dir",
+    ):
         if col not in df.columns:
             df[col] = None
     df["label"] = [_label(r) for r in df.to_dict("records")]
