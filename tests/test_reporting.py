@@ -305,16 +305,22 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
 
 def test_results_folder_report(finished_study, tmp_path):
     """A plain results folder (no study) still gives the results table; study-only sections say why."""
-    from cawbench.reporting.report import render_report
+    from cawbench.reporting.report import _Builder
     from cawbench.reporting.source import load_source
 
     _, out_dir, paper = finished_study
     source = load_source(str(out_dir))
-    assert source.study is None and len(source.rows) == 8
-    report = render_report(source, tmp_path / "plain", "test", paper)
-    assert "Optuna study" in report.omitted["importance"]
-    assert "- Parameter importance: the runs do not come from an Optuna study." in report.markdown
-    assert report.tables["results"]["final_test_acc_n"].tolist() == [2, 2]
+    assert source.study is None and len(source.rows) == 8 and source.origin == "results folder"
+    builder = _Builder(source, tmp_path / "plain", "test", paper, [], None)
+    builder.results()
+    builder.importance(informative=True)
+    builder.history()
+    assert (
+        builder.report.omitted["importance"]
+        == "Parameter importance: the runs do not come from an Optuna study"
+    )
+    assert "Optuna study" in builder.report.omitted["history"]
+    assert builder.report.tables["results"]["final_test_acc_n"].tolist() == [2, 2]
 
 
 def test_study_without_finished_trials_gives_a_clear_message(tmp_path, capsys):

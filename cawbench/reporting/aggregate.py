@@ -48,11 +48,15 @@ def format_cell(mean: Any, std: Any, n: Any, digits: int = 2, signed: bool = Fal
 def aggregate(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
     """One row per group of ``by``: mean, std (ddof=1), n of the finite values of ``value``.
 
-    Groups whose values are all missing keep a row with n = 0 (so a table can show "–" for them)."""
+    Groups whose values are all missing (or a ``value`` column that does not exist) keep a row with n = 0,
+    so a table can show "–" for them."""
     by = list(by)
     if frame.empty:
         return pd.DataFrame(columns=[*by, "mean", "std", "n"])
-    values = pd.to_numeric(frame[value], errors="coerce")
+    # A column the rows do not have (an older results table) aggregates to n = 0: "–", never an error.
+    values = (
+        pd.to_numeric(frame[value], errors="coerce") if value in frame else pd.Series(math.nan, frame.index)
+    )
     work = frame[by].copy()
     work["_v"] = values
     grouped = work.groupby(by, dropna=False, sort=False)["_v"]

@@ -14,6 +14,7 @@ Rules every figure follows, so that it reads at a glance:
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,6 +63,14 @@ def palette(labels: Sequence[str]) -> dict[str, Any]:
     return dict(zip(labels, sns.color_palette(name, len(labels))))
 
 
+def _group_colours(group: list[str], colours: dict[str, Any], total: int) -> dict[str, Any]:
+    """The report-wide colours while they are distinct (<= 10 labels); beyond, tab10 within each facet, so
+    the lines that share a panel never get neighbouring shades of one gradient."""
+    if total <= 10:
+        return colours
+    return dict(zip(group, sns.color_palette("tab10", len(group))))
+
+
 def _legend_right(ax: plt.Axes, title: str | None = None) -> None:
     handles, names = ax.get_legend_handles_labels()
     if ax.get_legend() is not None:
@@ -104,12 +113,16 @@ def banded_lines(
             ax = axes[row][col]
             sub = frame[frame["label"].isin(group) & frame[value].notna()]
             if not sub.empty:
-                sns.lineplot(data=sub, x=x, y=value, hue="label", hue_order=group, palette=colours,
+                sns.lineplot(data=sub, x=x, y=value, hue="label", hue_order=group, palette=_group_colours(group, colours, len(present)),
                              errorbar="sd", marker="o", markersize=4, ax=ax)  # fmt: skip
             if pd.notna(ymin) and pd.notna(ymax) and ymax > ymin:  # the same y range in every row
                 pad = 0.05 * (ymax - ymin)
                 ax.set_ylim(ymin - pad, ymax + pad)
-            ax.set_ylabel(ylabel, fontsize=8)
+            # The quantity names the column (a title over the top row): long names never overrun the
+            # neighbouring panel as y labels would.
+            if row == 0:
+                ax.set_title(textwrap.fill(ylabel, 48), fontsize=8)
+            ax.set_ylabel("")
             ax.set_xlabel(xlabel if row == len(groups) - 1 else "")
             _integer_x(ax)
             _plain_y(ax)
@@ -141,7 +154,8 @@ def per_layer_over_epochs(
         for layer, line in mean.groupby("layer"):
             ax.plot(line["epoch"], line[value], color=cmap(norm(layer)), lw=1.2,
                     marker="." if len(line) < 30 else None)  # fmt: skip
-        if value in log_y and (mean[value] > 0).all() and len(mean):
+        positive = len(mean) and (mean[value] > 0).all()
+        if value in log_y and positive and mean[value].max() / mean[value].min() > 30:  # layers decades apart
             ax.set_yscale("log")
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(ylabel, fontsize=8)

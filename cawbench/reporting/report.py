@@ -897,15 +897,21 @@ class _Builder:
                 for r in runs.to_dict("records") for i, v in enumerate(r.get("per_layer_test_acc") or [])
                 if isinstance(v, (int, float))
             ]  # fmt: skip
-            if not records or max(r["layer"] for r in records) < 1:
-                continue
             frame = pd.DataFrame(records)
+            if frame.empty:
+                continue
+            # One scoring unit (backprop): its one score is the Results table's; a point at layer 0 would
+            # read as the first layer's.
+            frame = frame[frame.groupby("label")["layer"].transform("max") >= 1]
+            if frame.empty:
+                continue
             name = f"per_layer_{dataset}"
             agg = aggregate(frame, ["label", "layer"], "value")
             csv = self.csv(name, agg)
             self.parts.append(
                 f"**{dataset}**: final-epoch test accuracy of each layer's own class scores, mean ± sd over "
-                f"seeds (backprop is one unit: its single point is its head). _CSV: [{csv}]({csv})_\n"
+                "seeds (configurations of one scoring unit, e.g. backprop, are left out: their one score is "
+                f"the Results table's). _CSV: [{csv}]({csv})_\n"
             )
             path = figures.per_layer(frame, self.labels, self.colours, self.fig_path(name),
                                      "test accuracy of the layer's scores (%)")  # fmt: skip
@@ -944,9 +950,7 @@ class _Builder:
                     a = aggregate(
                         last[(last["label"] == label) & (last["quantity"] == q)].assign(_a=0), ["_a"], "value"
                     )
-                    row[names[q]] = (
-                        format_cell(*a.iloc[0][["mean", "std", "n"]], digits=4) if len(a) else MISSING
-                    )
+                    row[names[q]] = _sig_cell(*a.iloc[0][["mean", "std", "n"]]) if len(a) else MISSING
                 table.append(row)
             self.parts.append(
                 f"**{dataset}**: {intro} One epoch per run, so no curves: the epoch's mean over layers, "
@@ -1004,7 +1008,7 @@ class _Builder:
                     if weighted
                     else " (unweighted: these runs did not record the weighted terms)"
                 )  # fmt: skip
-                + "; non-CE terms on a log axis."
+                + "; a non-CE term whose layers lie decades apart on a log axis."
             )
             self._epochs_view("loss_terms", "loss terms", frame, names, dataset, intro)
             made = True
@@ -1232,6 +1236,17 @@ class _Builder:
 
         name = run_folder_name(row)
         return f"runs/{name}" if name else None
+
+
+def _sig_cell(mean: Any, std: Any, n: Any) -> str:
+    """``mean ± std (n)`` with 4 significant digits, for quantities of any magnitude (loss terms of 1e-7)."""
+    cell = format_cell(mean, std, n, 4)
+    if cell == MISSING:
+        return cell
+    text = f"{float(mean):.4g}"
+    if int(n) > 1 and std is not None and math.isfinite(float(std)):
+        text += f" ± {float(std):.2g}"
+    return f"{text} ({int(n)})"
 
 
 def _s(n: int) -> str:
