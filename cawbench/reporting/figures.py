@@ -227,14 +227,23 @@ def assignments(
     return path
 
 
-def heatmap_pair(means: pd.DataFrame, stds: pd.DataFrame, title: str, path: Path) -> Path:
-    """Annotated heatmap of means beside a companion heatmap of stds (depth rows x width columns)."""
+def heatmap_pair(
+    means: pd.DataFrame,
+    stds: pd.DataFrame,
+    title: str,
+    path: Path,
+    scales: dict[str, tuple[float, float]] | None = None,
+) -> Path:
+    """Annotated heatmap of means beside a companion heatmap of stds (depth rows x width columns);
+    ``scales``: the (min, max) of "mean" and "std" shared by every configuration's pair."""
+    scales = scales or {}
+    mean_range, std_range = scales.get("mean", (None, None)), scales.get("std", (None, None))
     fig, axes = plt.subplots(1, 2, figsize=(4.0 + 1.3 * means.shape[1] * 2, 1.6 + 0.7 * means.shape[0]))
-    sns.heatmap(means.astype(float), annot=True, fmt=".2f", cmap="viridis", ax=axes[0],
-                cbar_kws={"label": "mean test acc. (%)"})  # fmt: skip
+    sns.heatmap(means.astype(float), annot=True, fmt=".2f", cmap="viridis", ax=axes[0], vmin=mean_range[0],
+                vmax=mean_range[1], cbar_kws={"label": "mean test acc. (%)"})  # fmt: skip
     axes[0].set_title("mean over seeds")
-    sns.heatmap(stds.astype(float), annot=True, fmt=".2f", cmap="magma_r", ax=axes[1],
-                cbar_kws={"label": "std (ddof=1)"})  # fmt: skip
+    sns.heatmap(stds.astype(float), annot=True, fmt=".2f", cmap="magma_r", ax=axes[1], vmin=std_range[0],
+                vmax=std_range[1], cbar_kws={"label": "std (ddof=1)"})  # fmt: skip
     axes[1].set_title("std over seeds")
     for ax in axes:
         ax.set_xlabel("width multiplier")

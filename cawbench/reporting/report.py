@@ -794,8 +794,9 @@ class _Builder:
             return
         self.parts.append(
             "Final-epoch test accuracy by blocks per stage (rows) and width multiplier (columns): mean over "
-            "seeds (n per cell), with the std (ddof=1) in the companion heatmap. Where other parameters also "
-            "vary, each cell is the configuration with the best mean validation objective.\n"
+            "seeds (n per cell), with the std (ddof=1) in the companion heatmap; every configuration's heatmaps "
+            "share one colour scale. Where other parameters also vary, each cell is the configuration with the "
+            "best mean validation objective.\n"
         )
         all_tables = []
         for label, dataset, arch in groups:
@@ -806,6 +807,11 @@ class _Builder:
             agg.insert(1, "dataset", dataset)
             agg.insert(2, "arch", arch)
             all_tables.append(agg)
+        # One colour scale for every configuration's heatmap (means, and stds), so they compare at a glance.
+        every = pd.concat(all_tables, ignore_index=True)
+        scales = {k: (every[k].min(), every[k].max()) for k in ("mean", "std")}
+        for agg in all_tables:
+            label, dataset, arch = agg.iloc[0][["label", "dataset", "arch"]]
             means = agg.pivot(index="depth_label", columns="width", values="mean")
             stds = agg.pivot(index="depth_label", columns="width", values="std")
             title = f"{label} on {dataset} ({arch})"
@@ -819,7 +825,8 @@ class _Builder:
             grid.columns = [f"width {w:g}" for w in grid.columns]
             grid.index.name = "depth"
             self.parts.append(markdown_table(grid, index=True) + "\n")
-            self.figure(name, figures.heatmap_pair(means, stds, title, self.fig_path(name)), title)
+            path = figures.heatmap_pair(means, stds, title, self.fig_path(name), scales)
+            self.figure(name, path, title)
         table = pd.concat(all_tables, ignore_index=True)
         self.csv("depth_width", table)
         self.parts.append("_CSV: [tables/depth_width.csv](tables/depth_width.csv)_\n")
@@ -1048,8 +1055,10 @@ class _Builder:
             frame = self._per_layer_records(
                 runs, lambda r: {"weight": ((r.get("readout_state") or {}).get("lcs") or {}).get("weights")}
             )
-            if frame.empty or frame["layer"].max() < 1:
-                continue  # one layer: its weight is 1
+            if not frame.empty:  # one layer: its weight is 1, and would only squash the axis
+                frame = frame[frame.groupby("label")["layer"].transform("max") >= 1]
+            if frame.empty:
+                continue
             name = f"lcs_weights_{dataset}"
             agg = aggregate(frame, ["label", "epoch", "layer"], "value")
             csv = self.csv(name, agg)
