@@ -46,6 +46,7 @@ from cawbench.cpu_conv import swap_convs
 from cawbench.data import PreparedData, iterate_batches, prepare_data
 from cawbench.fast_dropout import swap_dropout
 from cawbench.method import LocalNetwork, Method, StepContext, get_method, recipe_overrides
+from cawbench.provenance import provenance
 from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_bytes, atomic_write_text
 from cawbench.schedule import ScheduleClock, lr_at
@@ -1052,6 +1053,7 @@ class Trainer:
             "device": _device_name(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
             "versions": _versions(),
+            **provenance(),  # git_commit, git_dirty, machine
             "run_dir": str(self.run_dir),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
