@@ -41,20 +41,19 @@ import torch
 from torch import nn
 
 import cawbench
+from cawbench import run_folder
 from cawbench.config import ConfigError, OptimConfig, RunConfig, save_yaml
 from cawbench.cpu_conv import swap_convs
-from cawbench.data import PreparedData, iterate_batches, prepare_data
+from cawbench.data import PreparedData, batch_bounds, iterate_batches, prepare_data
+from cawbench.divergence import REFERENCE_KEY, check_epoch
+from cawbench.divergence import TrainingDiverged as TrainingDiverged  # re-exported
 from cawbench.fast_dropout import swap_dropout
 from cawbench.method import LocalNetwork, Method, StepContext, get_method
-from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
+from cawbench.readouts import ReadoutContext, check_readouts, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_bytes, atomic_write_text
 from cawbench.seeding import seed_everything
 
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the message names the epoch, layer and term."""
 
 
 class ResumeError(RuntimeError):
@@ -77,6 +76,16 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0 .. cuda:N-1, auto or cpu"
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ConfigError(f"train.device={name!r} but MPS (Apple GPU) is not available here; use auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device={name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -161,6 +170,8 @@ class StepStats:
 
     def __init__(self, n_units: int, device: torch.device) -> None:
         self.term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
+        # Each term's value on its first batch of the epoch (the divergence check's scale).
+        self.first_terms: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
         self.correct = torch.zeros(n_units, device=device)
         self.seen = torch.zeros(n_units, device=device)
         self.steps = 0
@@ -176,6 +187,7 @@ class StepStats:
                 sums[k].add_(v)
             else:
                 sums[k] = v.clone()
+                self.first_terms[i][k] = v.clone()
 
     def add_scores(self, i: int, scores: torch.Tensor, y: torch.Tensor) -> None:
         labels = y[: scores.shape[0]]
@@ -740,8 +752,7 @@ class Trainer:
         self.scoring = [i for i, u in enumerate(self.net.units) if getattr(u, "emits_scores", True)]
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
-        for name in (cfg.readout.name, *cfg.readout.extra):
-            get_readout(name)  # unknown readout names fail before any work
+        check_readouts(cfg.readout, len(self.data.val), cfg.data.val_size)  # before any work
         self.run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -795,7 +806,7 @@ class Trainer:
         weights = self.method.loss_weights(epoch)
         active = [u.optimizer is not None and u.unit.trainable_at(epoch) for u in self.units]
         stats = StepStats(len(self.units), self.device)
-        n_batches = math.ceil(len(self.data.train) / cfg.train.batch_size)
+        n_batches = len(batch_bounds(len(self.data.train), cfg.train.batch_size, train=True))
         bar = _progress(n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.progress)
         batches = _counted(self._batches("train", epoch, train=True), bar)
         epochs = cfg.train.epochs
@@ -823,25 +834,38 @@ class Trainer:
             if state.scheduler is not None:
                 state.scheduler.step()
         return self._train_summary(
-            epoch, stats.term_sums, stats.correct, stats.seen, stats.steps, elapsed, active
+            epoch, stats.term_sums, stats.correct, stats.seen, stats.steps, elapsed, active, stats.first_terms
         )
 
-    def _train_summary(self, epoch, term_sums, correct, seen, steps, elapsed, active) -> dict[str, Any]:
+    def _train_summary(
+        self, epoch, term_sums, correct, seen, steps, elapsed, active, first_terms=None
+    ) -> dict[str, Any]:
         names = sorted({k for sums in term_sums for k in sums})
-        # One device->host transfer for every term of every unit.
-        table = torch.full((len(term_sums), max(len(names), 1)), float("nan"), device=self.device)
+        first_terms = first_terms or [{} for _ in term_sums]
+        # One device->host transfer for every term of every unit: epoch means, then first-batch values.
+        table = torch.full((2, len(term_sums), max(len(names), 1)), float("nan"), device=self.device)
         for i, sums in enumerate(term_sums):
             for j, k in enumerate(names):
                 if k in sums:
-                    table[i, j] = sums[k] / max(steps, 1)
-        values = table.tolist()
+                    table[0, i, j] = sums[k] / max(steps, 1)
+                if k in first_terms[i]:
+                    table[1, i, j] = first_terms[i][k]
+        values, firsts = table.tolist()
         acc = (100 * correct / seen.clamp(min=1)).tolist()
         seen_list = seen.tolist()
-        for i, row in enumerate(values):
-            for j, v in enumerate(row[: len(names)]):
-                if active[i] and names[j] in term_sums[i] and not math.isfinite(v):
-                    raise TrainingDiverged(f"loss term {names[j]!r} of layer {i} is {v} at epoch {epoch}")
-        return {
+
+        def by_term(rows: list[list[float]], which: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+            return {
+                k: [rows[i][j] if active[i] and k in which[i] else None for i in range(len(rows))]
+                for j, k in enumerate(names)
+            }
+
+        references = check_epoch(
+            by_term(values, term_sums), by_term(firsts, first_terms), self.history, epoch=epoch,
+            epochs=self.cfg.train.epochs, num_classes=self.data.info.num_classes, lr_of=self._unit_lr,
+            config_lr=self.cfg.optim.lr,
+        )  # fmt: skip
+        summary = {
             "train_loss": {
                 k: [_nan_to_none(values[i][j]) for i in range(len(values))] for j, k in enumerate(names)
             },
@@ -850,6 +874,17 @@ class Trainer:
             "train_images_per_s": len(self.data.train) / elapsed if elapsed > 0 else None,
             "lr": self._current_lr(),
         }
+        if references:
+            summary[REFERENCE_KEY] = references
+        return summary
+
+    def _unit_lr(self, i: int) -> float | None:
+        """Unit i's configured learning rate (before any schedule), for the divergence hint."""
+        opt = self.units[i].optimizer if i < len(self.units) else None
+        if opt is None:
+            return None
+        group = opt.param_groups[0]
+        return group.get("initial_lr", group["lr"])
 
     def _current_lr(self) -> float | None:
         for state in self.units:
@@ -898,11 +933,22 @@ class Trainer:
         return record
 
     # ----------------------------------------------------------------------------- the run
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, overwrite: bool = True) -> dict[str, Any]:
+        """Train (``resume``: from the run folder's checkpoint) and return the result row. A folder that holds
+        another run is replaced whole when ``overwrite`` (the library default), else refused (the CLI's
+        default). Resuming a finished run changes nothing and returns its stored row (``already_finished``)."""
         cfg = self.cfg
         ckpt_path = self.run_dir / "checkpoint.pt"
+        run_folder.claim(self.run_dir, Path(cfg.out_dir), resume=resume, overwrite=overwrite)
+        self.already_finished = False
         if resume:
             self._load_checkpoint(ckpt_path)
+            done = run_folder.finished_result(self.run_dir, cfg.config_hash())
+            if done is not None and self.start_epoch >= cfg.train.epochs:
+                self.already_finished = True
+                if self.write_result:  # only if the run was killed between its result and its row
+                    run_folder.ensure_row(Path(cfg.out_dir) / "results.jsonl", done)
+                return done
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.run_dir / "config.yaml")
         if self.device.type == "cuda":
@@ -1012,16 +1058,32 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:  # a truncated or foreign file
             raise ResumeError(f"--resume: cannot read checkpoint {path}: {exc}") from None
+        if not isinstance(state, dict):
+            raise ResumeError(
+                f"--resume: {path} is not a cawbench checkpoint; run without --resume to start over"
+            )
         if state.get("config_hash") != self.cfg.config_hash():
             raise ResumeError(
                 f"--resume: checkpoint {path} was made with config hash {state.get('config_hash')}, but this "
                 f"configuration hashes to {self.cfg.config_hash()} (compare {path.parent / 'config.yaml'}); "
                 "resume with the same configuration or choose another --run-name"
             )
+        try:
+            self._restore(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:  # edited or foreign
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResumeError(
+                f"--resume: checkpoint {path} does not fit this run's network or optimisers ({detail[:300]}); "
+                "it was edited or written by another version: run without --resume (with --overwrite) to "
+                "start over, or choose another --run-name"
+            ) from None
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         for s, o, sc in zip(self.units, state["optimizers"], state["schedulers"], strict=True):
             if s.optimizer is not None and o is not None:
                 s.optimizer.load_state_dict(o)
+                _check_optimizer_shapes(s.optimizer)
             if s.scheduler is not None and sc is not None:
                 s.scheduler.load_state_dict(sc)
         self.history = list(state["history"])
@@ -1041,6 +1103,17 @@ class Trainer:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **arrays)
             atomic_write_bytes(self.run_dir / "artifacts.npz", buffer.getvalue())
+
+
+def _check_optimizer_shapes(opt: torch.optim.Optimizer) -> None:
+    """Loaded optimiser state must match its parameters' shapes (torch checks only the group sizes)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"optimiser state {key!r} has shape {tuple(value.shape)}, parameter {tuple(p.shape)}"
+                    )
 
 
 def _unit_stats(net: LocalNetwork) -> dict[str, list[float | None]]:

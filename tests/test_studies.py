@@ -160,7 +160,7 @@ def test_diverging_configuration_fails_with_reason_and_the_study_goes_on(tmp_pat
     assert trials["ok"].state == TrialState.COMPLETE
     bad = trials["huge_lr"]
     assert bad.state == TrialState.FAIL
-    assert bad.user_attrs["fail_reason"].startswith("diverged: loss term 'ce'")
+    assert bad.user_attrs["fail_reason"].startswith("diverged: ce, layer 0, epoch 1/1")
     run = MlflowClient(tracking_uri=tracking_uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["cawbench.fail_reason"].startswith("diverged")
     # A final failure is not retried by a plain re-run, only with --retry-failed.
