@@ -1071,7 +1071,7 @@ class Trainer:
         try:
             self._restore(state)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:  # edited or foreign
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
             raise ResumeError(
                 f"--resume: checkpoint {path} does not fit this run's network or optimisers ({detail[:300]}); "
                 "it was edited or written by another version: run without --resume (with --overwrite) to "
