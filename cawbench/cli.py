@@ -151,7 +151,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"width {cfg.model.width:g} on {trainer.device}; run folder {trainer.run_dir}")  # fmt: skip
     result = trainer.run(resume=args.resume, overwrite=args.overwrite)
     if trainer.already_finished:
-        print(f"run {trainer.run_dir} is already finished ({result.get('epochs')} epochs, "
+        print(f"run {trainer.run_dir} is already finished ({result.get('epochs')} epoch(s), "
               f"{result.get('finished_at')}); nothing to do, no new row. Its result:")  # fmt: skip
     print(format_result(result))
     return 0

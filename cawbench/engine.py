@@ -1053,7 +1053,10 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
-            raise ResumeError(f"--resume: no checkpoint at {path}; run without --resume to start this run")
+            raise ResumeError(
+                f"--resume: no checkpoint at {path}; run without --resume to start this run (with --overwrite "
+                "if its folder holds an earlier run)"
+            )
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:  # a truncated or foreign file

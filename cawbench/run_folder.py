@@ -43,6 +43,9 @@ def describe(run_dir: Path) -> str | None:
     if not any((run_dir / name).is_file() for name in PROGRESS_FILES):
         return None
     if (run_dir / "result.json").is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads((run_dir / "result.json").read_text()).get("truncated"):
+                return "finished (truncated by train.time_limit_s)"
         return "finished"
     metrics = run_dir / "metrics.jsonl"
     epochs = 0

@@ -151,6 +151,18 @@ def test_a_last_training_batch_of_one_image_is_merged_on_digits_with_batchnorm(c
     assert read_results(tmp_path / "results.jsonl")[0]["n_train"] == 129
 
 
+def test_no_validation_split_says_what_falls_back(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--dataset", "synthetic", "--width", "0.1", "--epochs", "1",
+                           "--no-progress", "--out-dir", str(tmp_path), "data.val_size=0")  # fmt: skip
+    assert code == 0
+    assert (
+        "data.val_size=0 leaves no validation split" in err
+        and "test_acc_at_best_val is the last epoch's" in err
+    )
+    row = read_results(tmp_path / "results.jsonl")[0]
+    assert row["n_val"] == 0 and row["test_acc_at_best_val"] == row["final_test_acc"]
+
+
 def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     class ClosedPipe:
         def write(self, text: str) -> int:
