@@ -41,22 +41,21 @@ import torch
 from torch import nn
 
 import cawbench
+from cawbench import run_folder
 from cawbench.config import ConfigError, OptimConfig, RunConfig, save_yaml
 from cawbench.cpu_conv import swap_convs
-from cawbench.data import PreparedData, iterate_batches, prepare_data
+from cawbench.data import PreparedData, batch_bounds, iterate_batches, prepare_data
+from cawbench.divergence import REFERENCE_KEY, check_epoch
+from cawbench.divergence import TrainingDiverged as TrainingDiverged  # re-exported
 from cawbench.fast_dropout import swap_dropout
 from cawbench.method import LocalNetwork, Method, StepContext, get_method, recipe_overrides
 from cawbench.provenance import provenance
-from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
+from cawbench.readouts import ReadoutContext, check_readouts, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_bytes, atomic_write_text
 from cawbench.schedule import ScheduleClock, lr_at
 from cawbench.seeding import seed_everything
 
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the message names the epoch, layer and term."""
 
 
 class ResumeError(RuntimeError):
@@ -79,6 +78,16 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use cuda:0 .. cuda:N-1, auto or cpu"
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ConfigError(f"train.device={name!r} but MPS (Apple GPU) is not available here; use auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device={name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -157,6 +166,8 @@ class StepStats:
         self.weighted_sums: list[dict[str, torch.Tensor]] | None = (
             [{} for _ in range(n_units)] if weighted else None
         )
+        # Each term's value on its first batch of the epoch (the divergence check's scale).
+        self.first_terms: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
         self.correct = torch.zeros(n_units, device=device)
         self.seen = torch.zeros(n_units, device=device)
         self.steps = 0
@@ -170,6 +181,9 @@ class StepStats:
 
     def add_terms(self, i: int, terms: dict[str, torch.Tensor], weights: Mapping[str, float]) -> None:
         values = {k: v.detach().float() for k, v in terms.items()}
+        for k, v in values.items():
+            if k not in self.term_sums[i]:
+                self.first_terms[i][k] = v.clone()
         _accumulate(self.term_sums[i], values)
         if self.weighted_sums is not None:
             names = list(values)
@@ -758,8 +772,7 @@ class Trainer:
         self.scoring = [i for i, u in enumerate(self.net.units) if getattr(u, "emits_scores", True)]
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
-        for name in (cfg.readout.name, *cfg.readout.extra):
-            get_readout(name)  # unknown readout names fail before any work
+        check_readouts(cfg.readout, len(self.data.val), cfg.data.val_size)  # before any work
         self.run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -809,7 +822,7 @@ class Trainer:
             return None
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train) / self.cfg.train.batch_size)
+        return len(batch_bounds(len(self.data.train), self.cfg.train.batch_size, train=True))
 
     def schedule_point(self, epoch: int, step: int) -> StepContext:
         """The schedule state of one training batch: position, loss weights, units that train."""
@@ -886,10 +899,13 @@ class Trainer:
         self, epoch: int, stats: StepStats, elapsed: float, weights: Mapping[str, float]
     ) -> dict[str, Any]:
         """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted,
-        and its training accuracy, read back in one transfer."""
-        term_sums = stats.term_sums
+        and its training accuracy, read back in one transfer; the divergence check on the means."""
+        term_sums, first_terms = stats.term_sums, stats.first_terms
         names = sorted({k for sums in term_sums for k in sums})
-        sources = [term_sums] + ([stats.weighted_sums] if stats.weighted_sums is not None else [])
+        sources = [term_sums, first_terms] + (
+            [stats.weighted_sums] if stats.weighted_sums is not None else []
+        )
+        # One device->host transfer: epoch means, first-batch values, (weighted means).
         table = torch.full(
             (len(sources), len(term_sums), max(len(names), 1)), float("nan"), device=self.device
         )
@@ -897,21 +913,28 @@ class Trainer:
             for i, sums in enumerate(sums_by_unit):
                 for j, k in enumerate(names):
                     if k in sums:
-                        table[s, i, j] = sums[k] / max(stats.active_steps[i], 1)
-        values, *weighted = table.tolist()
+                        table[s, i, j] = sums[k] if s == 1 else sums[k] / max(stats.active_steps[i], 1)
+        values, firsts, *weighted = table.tolist()
         if not weighted:  # the weights held for the whole epoch: weighted mean = weight x mean
             weighted = [[[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]]
         acc = (100 * stats.correct / stats.seen.clamp(min=1)).tolist()
         seen_list = stats.seen.tolist()
-        for i, row in enumerate(values):
-            for j, v in enumerate(row[: len(names)]):
-                if stats.active_steps[i] and names[j] in term_sums[i] and not math.isfinite(v):
-                    raise TrainingDiverged(f"loss term {names[j]!r} of layer {i} is {v} at epoch {epoch}")
+
+        def trained(rows: list[list[float]], which: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+            return {
+                k: [rows[i][j] if stats.active_steps[i] and k in which[i] else None for i in range(len(rows))]
+                for j, k in enumerate(names)
+            }
 
         def by_term(rows: list[list[float]]) -> dict[str, list[float | None]]:
             return {k: [_nan_to_none(rows[i][j]) for i in range(len(rows))] for j, k in enumerate(names)}
 
-        return {
+        references = check_epoch(
+            trained(values, term_sums), trained(firsts, first_terms), self.history, epoch=epoch,
+            epochs=self.cfg.train.epochs, num_classes=self.data.info.num_classes, lr_of=self._unit_lr,
+            config_lr=self.cfg.optim.lr,
+        )  # fmt: skip
+        summary = {
             "train_loss": by_term(values),
             "train_loss_weighted": by_term(weighted[0]),
             "schedule_at": self.clock.at(epoch, 0),
@@ -920,6 +943,14 @@ class Trainer:
             "train_images_per_s": len(self.data.train) / elapsed if elapsed > 0 else None,
             "lr": self._current_lr(),
         }
+        if references:
+            summary[REFERENCE_KEY] = references
+        return summary
+
+    def _unit_lr(self, i: int) -> float | None:
+        """Unit i's configured learning rate (before any schedule), for the divergence hint."""
+        state = self.units[i] if i < len(self.units) else None
+        return state.optim.lr if state is not None and state.optimizer is not None else None
 
     def _current_lr(self) -> float | None:
         for state in self.units:
@@ -968,11 +999,22 @@ class Trainer:
         return record
 
     # ----------------------------------------------------------------------------- the run
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, overwrite: bool = True) -> dict[str, Any]:
+        """Train (``resume``: from the run folder's checkpoint) and return the result row. A folder that holds
+        another run is replaced whole when ``overwrite`` (the library default), else refused (the CLI's
+        default). Resuming a finished run changes nothing and returns its stored row (``already_finished``)."""
         cfg = self.cfg
         ckpt_path = self.run_dir / "checkpoint.pt"
+        run_folder.claim(self.run_dir, Path(cfg.out_dir), resume=resume, overwrite=overwrite)
+        self.already_finished = False
         if resume:
             self._load_checkpoint(ckpt_path)
+            done = run_folder.finished_result(self.run_dir, cfg.config_hash())
+            if done is not None and self.start_epoch >= cfg.train.epochs:
+                self.already_finished = True
+                if self.write_result:  # only if the run was killed between its result and its row
+                    run_folder.ensure_row(Path(cfg.out_dir) / "results.jsonl", done)
+                return done
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.run_dir / "config.yaml")
         if self.device.type == "cuda":
@@ -1077,21 +1119,40 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
-            raise ResumeError(f"--resume: no checkpoint at {path}; run without --resume to start this run")
+            raise ResumeError(
+                f"--resume: no checkpoint at {path}; run without --resume to start this run (with --overwrite "
+                "if its folder holds an earlier run)"
+            )
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as exc:  # a truncated or foreign file
             raise ResumeError(f"--resume: cannot read checkpoint {path}: {exc}") from None
+        if not isinstance(state, dict):
+            raise ResumeError(
+                f"--resume: {path} is not a cawbench checkpoint; run without --resume to start over"
+            )
         if state.get("config_hash") != self.cfg.config_hash():
             raise ResumeError(
                 f"--resume: checkpoint {path} was made with config hash {state.get('config_hash')}, but this "
                 f"configuration hashes to {self.cfg.config_hash()} (compare {path.parent / 'config.yaml'}); "
                 "resume with the same configuration or choose another --run-name"
             )
+        try:
+            self._restore(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:  # edited or foreign
+            detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
+            raise ResumeError(
+                f"--resume: checkpoint {path} does not fit this run's network or optimisers ({detail[:300]}); "
+                "it was edited or written by another version: run without --resume (with --overwrite) to "
+                "start over, or choose another --run-name"
+            ) from None
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         for s, o in zip(self.units, state["optimizers"], strict=True):
             if s.optimizer is not None and o is not None:
                 s.optimizer.load_state_dict(o)  # the LR is re-set from the schedule at the next step
+                _check_optimizer_shapes(s.optimizer)
         self.history = list(state["history"])
         self.start_epoch = int(state["epochs_done"])
         torch.set_rng_state(state["rng_cpu"].cpu())
@@ -1109,6 +1170,17 @@ class Trainer:
             buffer = io.BytesIO()
             np.savez_compressed(buffer, **arrays)
             atomic_write_bytes(self.run_dir / "artifacts.npz", buffer.getvalue())
+
+
+def _check_optimizer_shapes(opt: torch.optim.Optimizer) -> None:
+    """Loaded optimiser state must match its parameters' shapes (torch checks only the group sizes)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"optimiser state {key!r} has shape {tuple(value.shape)}, parameter {tuple(p.shape)}"
+                    )
 
 
 def _unit_stats(net: LocalNetwork) -> dict[str, list[float | None]]:
