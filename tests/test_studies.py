@@ -385,10 +385,20 @@ def test_shipped_spec_loads_and_validates(name):
             assert overrides["variant"] == r["variant"]
     if name == "sensitivity":
         assert spec.sampler_name == "qmc" and len(spec.search_space) == 5
-    if name == "caw_regularizers":
-        dims = {d.key: d for d in spec.search_space}
-        for key in ("params.lambda_entropy", "params.lambda_ortho"):
-            assert dims[key].log and dims[key].high / dims[key].low >= 1e4
+    if name == "caw_regularizers":  # entropy {off, min, max} x ortho {off, released, frobenius}, then sweeps
+        grid = {
+            (p.get("params.lambda_entropy", 1e-2) > 0 and p.get("params.entropy_direction", "minimize"),
+             p.get("params.lambda_ortho", 1e-3) > 0 and p.get("params.ortho_form", "released"))
+            for v, p in spec.variants.items() if "lambda_" not in v
+        }  # fmt: skip
+        assert grid == {
+            (e, o) for e in (False, "minimize", "maximize") for o in (False, "released", "frobenius")
+        }
+        for form in ("ent_min", "ent_max", "frobenius"):
+            swept = [p for v, p in spec.variants.items() if v.startswith(f"{form}__lambda_")]
+            weights = [p.get("params.lambda_entropy", p.get("params.lambda_ortho")) for p in swept]
+            assert max(weights) / min(weights) >= 1e2  # orders of magnitude
+        assert spec.seeds_for("cpu") == (0, 1, 2)
 
 
 def test_quasi_random_plan_is_seeded_in_bounds_and_extends_its_prefix():
