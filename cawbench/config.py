@@ -124,11 +124,6 @@ class TrainConfig:
     parallel: str = "off"  # off | pipeline | streams (layer-parallel modes, same maths as sequential)
     pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
-    fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
-    # CPU: tuned (conv kernels/layout picked by shape, Winograd included; cawbench.cpu_conv) | direct (the same
-    # without Winograd: direct sums only) | plain (PyTorch's own conv)
-    cpu_conv: str = "tuned"
-    keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
@@ -143,11 +138,16 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
-        _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "direct", "plain"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ConfigError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s!r}")
+
+
+#: Switches that are gone but were hashed, with the value every run now has: hashed as before, so the
+#: hashes (checkpoints, run names) of configurations made before their removal stay valid.
+#: ``train.fast_dropout`` (on by default): dropout is now always the channel-wise layer's bulk-drawn kind.
+RETIRED_HASHED: dict[str, dict[str, Any]] = {"train": {"fast_dropout": True}}
 
 
 @dataclass(frozen=True)
@@ -181,15 +181,10 @@ class RunConfig:
         d["train"].pop("progress", None)
         d["train"].pop("checkpoint", None)
         # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
-        for key in (
-            "cuda_graph",
-            "fused_optimizer",
-            "time_limit_s",
-            "pipeline_threads",
-            "keep_cpu_memory",
-            "cpu_conv",
-        ):
+        for key in ("cuda_graph", "fused_optimizer", "time_limit_s", "pipeline_threads"):
             d["train"].pop(key, None)
+        for section, retired in RETIRED_HASHED.items():
+            d[section].update(retired)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -22,8 +22,6 @@ Execution modes, all with the sequential maths (tests/test_parallel.py checks pa
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import json
@@ -42,9 +40,7 @@ from torch import nn
 
 import cawbench
 from cawbench.config import ConfigError, OptimConfig, RunConfig, save_yaml
-from cawbench.cpu_conv import swap_convs
 from cawbench.data import PreparedData, iterate_batches, prepare_data
-from cawbench.fast_dropout import swap_dropout
 from cawbench.method import LocalNetwork, Method, StepContext, get_method
 from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_bytes, atomic_write_text
@@ -78,20 +74,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use auto or cpu")
     return device
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Have glibc's malloc serve every block from its heap and keep freed memory (process-wide; no-op and
-    False elsewhere). By default glibc maps blocks over 32 MiB (a 128x100x32x32 activation) afresh each time
-    and returns them on free, so each such tensor pays a page-fault pass; measured here, a 52 MB clone took
-    17.8 ms instead of 2.0 ms. The cost: the process keeps its peak heap until it exits."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -698,13 +680,6 @@ class Trainer:
         self.data = data if data is not None else prepare_data(cfg.data, self.device)
         self.method: Method = get_method(cfg.method)(cfg, self.data.info)
         self.net: LocalNetwork = self.method.build().to(self.device)
-        if cfg.train.fast_dropout and self.device.type == "cpu":
-            swap_dropout(self.net)  # same maths, bulk-drawn masks (see cawbench.fast_dropout)
-        if cfg.train.cpu_conv != "plain" and self.device.type == "cpu":
-            # Same convolutions, kernels picked by shape (see cawbench.cpu_conv).
-            swap_convs(self.net, winograd_ok=cfg.train.cpu_conv == "tuned")
-        if cfg.train.keep_cpu_memory and self.device.type == "cpu":
-            keep_freed_cpu_memory()
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

@@ -28,6 +28,7 @@ from torch import nn
 from cawbench.archs import LayerSpec, build_plan
 from cawbench.config import ConfigError, RunConfig
 from cawbench.data import DataInfo
+from cawbench.layers import length_normalise
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput
 from cawbench.seeding import derive_seed
 
@@ -42,14 +43,6 @@ def goodness(h: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-row goodness: the sum (Hinton) or the mean (mohammadpz, dah33) of squared activities."""
     squares = h.float().pow(2)
     return squares.sum(1) if kind == "sum" else squares.mean(1)
-
-
-def length_normalise(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
-    """Divide each row by its L2 length or its RMS, without subtracting the mean (only direction passes)."""
-    length = x.norm(dim=1, keepdim=True)
-    if kind == "rms":
-        length = length / x.shape[1] ** 0.5
-    return x / (length + eps)
 
 
 def ff_threshold_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Tensor:

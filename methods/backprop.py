@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cawbench.archs import ArchPlan, LayerSpec, Wiring, build_plan
+from cawbench.archs import ArchPlan, Wiring, build_plan
 from cawbench.config import ConfigError
+from cawbench.layers import BulkDropout, PlanLayer
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
-from cawbench.methods._ff_common import length_normalise
 from cawbench.methods.ff import FF_PAPER
 from cawbench.methods.symba import SYMBA_PAPER
 
@@ -52,50 +52,6 @@ class BackpropConfig:
             raise ConfigError("params.label_smoothing and params.dropout must be in [0, 1)")
 
 
-def _pool(kind: str | None, x: torch.Tensor, ceil: bool = True) -> torch.Tensor:
-    if kind == "avg":
-        return F.avg_pool2d(x, 2, 2, ceil_mode=ceil)
-    if kind == "max":
-        return F.max_pool2d(x, 2, 2, ceil_mode=ceil)
-    return x
-
-
-class PlanLayer(nn.Module):
-    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool], or, for rows with
-    ``norm_position="post_pool"`` (CaFo, CwComp), [pool] -> conv (with bias) -> ReLU -> [pool] -> norm."""
-
-    def __init__(self, spec: LayerSpec, norm: str) -> None:
-        super().__init__()
-        self.spec = spec
-        self.input_norm = norm if norm in ("rms", "l2") else None
-        self.post_pool_norm = spec.norm_position == "post_pool"
-        # a bias before the ReLU is not cancelled by a norm placed after the pool
-        bias = norm != "batch" or self.post_pool_norm
-        if spec.kind == "conv":
-            self.op = nn.Conv2d(
-                spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
-                groups=spec.groups, bias=bias,
-            )  # fmt: skip
-            batch_norm: type[nn.Module] = nn.BatchNorm2d
-        else:
-            self.op = nn.Linear(spec.in_channels, spec.out_channels)
-            batch_norm = nn.BatchNorm1d
-        self.norm = batch_norm(spec.out_channels, eps=spec.norm_eps) if norm == "batch" else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.kind == "linear":
-            x = x.flatten(1)
-        x = _pool(spec.pool_before, x, spec.pool_ceil)
-        if self.input_norm is not None:  # FF's length normalisation of the layer input, per sample
-            eps = 1e-8 if self.input_norm == "rms" else 1e-4
-            x = length_normalise(x.flatten(1), self.input_norm, eps).view_as(x)
-        if self.post_pool_norm:
-            return self.norm(_pool(spec.pool_after, F.relu(self.op(x)), spec.pool_ceil))
-        x = F.relu(self.norm(self.op(x)))
-        return _pool(spec.pool_after, x, spec.pool_ceil)
-
-
 class EndToEndUnit(LocalUnit):
     """The whole network and its head as one unit: the loss reaches every layer."""
 
@@ -103,7 +59,7 @@ class EndToEndUnit(LocalUnit):
         super().__init__()
         self.layers = nn.ModuleList(PlanLayer(s, cfg.norm) for s in plan.layers)
         self.wiring = Wiring(plan)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = BulkDropout(cfg.dropout)
         last = plan.layers[-1]
         self.flatten_head = cfg.head_input == "flatten"
         spatial = last.out_size**2 if self.flatten_head and last.kind == "conv" else 1

@@ -60,8 +60,8 @@ from torch import nn
 
 from cawbench.archs import ArchPlan, build_plan
 from cawbench.config import ConfigError
+from cawbench.layers import PlanLayer
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
-from cawbench.methods.backprop import PlanLayer
 from cawbench.readouts import add_readout
 
 LOSSES = ("ce", "mse", "sparsemax")

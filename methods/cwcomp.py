@@ -51,8 +51,8 @@ from torch import nn
 
 from cawbench.archs import ArchPlan, LayerSpec, build_plan
 from cawbench.config import ConfigError
+from cawbench.layers import PlanLayer
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
-from cawbench.methods.backprop import PlanLayer
 from cawbench.readouts import ReadoutContext, add_readout
 
 LOSSES = ("cwc_ce", "pvn", "cwg")

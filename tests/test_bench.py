@@ -14,7 +14,6 @@ from torch import nn
 from cawbench.bench import (
     HostReadCounter,
     SavedTensorMeter,
-    check_process_wide,
     parameter_storages,
     parse_methods,
 )
@@ -82,13 +81,22 @@ def test_parse_methods_with_row_overrides_and_errors():
         parse_methods("nope", ["backprop", "ff"])
 
 
-def test_rows_differing_in_a_process_wide_knob_are_refused(tmp_path, capsys):
-    rows = "backprop,backprop{train.keep_cpu_memory=false}"
-    assert main(["bench", "--methods", rows, "--device", "cpu", "--out", str(tmp_path)]) == 2
-    assert "train.keep_cpu_memory, which is process-wide" in capsys.readouterr().err
-    assert not (tmp_path / "cpu.md").exists()  # refused before any work
-    entries = parse_methods("backprop,ff{train.keep_cpu_memory=false}", ["backprop", "ff"])
-    check_process_wide(entries, SimpleNamespace(set=["train.keep_cpu_memory=false"]))  # all false: fine
+def test_process_options_are_set_by_the_entry_point_and_written_into_the_report(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        with registered() as method:
+            args = ["--threads", "1", "--no-keep-cpu-memory", "bench", "--methods", method, "--arch",
+                    "tinycnn", "--width", "0.1", "--input", "1x16x16", "--batch", "4", "--steps", "1",
+                    "--repeats", "1", "--warmup", "0", "--eval-steps", "1", "--device", "cpu",
+                    "--no-reference", "--out", str(tmp_path)]  # fmt: skip
+            assert main(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / "cpu.md").read_text()
+    assert "command: `cawbench --threads 1 --no-keep-cpu-memory bench --methods" in md
+    assert ", 1 torch threads" in md
+    assert main(["--threads", "0", "list", "readouts"]) == 2  # a bad value is a user error
 
 
 def _bench(tmp_path, *extra: str) -> list[dict[str, str]]:
