@@ -292,26 +292,24 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     row["eval_ips"], row["eval_ips_spread_pct"] = summarise([len(data.test) / t for t in eval_times])
     # One more training step each for the saved-bytes count and the FLOP count.
     trainer.net.train()
-    weights = trainer.method.loss_weights(0)
-    active = [u.optimizer is not None and u.unit.trainable_at(0) for u in trainer.units]
     batches = trainer._batches("train", 0, train=True)
     x, y = next(batches)
     meter = SavedTensorMeter(parameter_storages(trainer.net))
-    ctx = _step_context()
-    trainer.step(x, y, ctx, weights, active, StepStats(len(trainer.units), device), hook=meter.hook)
+    ctx = trainer.schedule_point(0, 0)
+    trainer.step(x, y, ctx, StepStats(len(trainer.units), device), hook=meter.hook)
     per_unit = meter.unit_bytes()
     row["saved_max_mb"] = max(per_unit, default=0) / 2**20
     row["saved_sum_mb"] = sum(per_unit) / 2**20
     reads = HostReadCounter()
     with reads:
-        trainer.step(x, y, ctx, weights, active, StepStats(len(trainer.units), device))
+        trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
     row["host_reads_per_step"] = reads.count
     from torch.utils.flop_counter import FlopCounterMode
 
     with _force_eager():
         counter = FlopCounterMode(display=False)
         with counter:
-            trainer.step(x, y, ctx, weights, active, StepStats(len(trainer.units), device))
+            trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
         row["train_gflop_per_img"] = counter.get_total_flops() / x.shape[0] / 1e9
         xe, _ = next(trainer._batches("test", 0, train=False))
         trainer.net.eval()
@@ -326,12 +324,6 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
-
-
-def _step_context():
-    from cawbench.method import StepContext
-
-    return StepContext(0, 1, 0)
 
 
 # --------------------------------------------------------------------------------- ratios and output

@@ -80,7 +80,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = 0.0  # sgd only
-    scheduler: str = "none"  # none | cosine (per epoch, T_max = epochs) | linear_cooldown (FF, loeweX)
+    # none | cosine (T_max = epochs, or the reference horizon under train.budget_schedules) | linear_cooldown
+    # (FF, loeweX: constant, then linear to 0 over the second half)
+    scheduler: str = "none"
     lr_min: float = 0.0
     grad_clip: float | None = None  # global-norm clip per unit
 
@@ -126,6 +128,13 @@ class TrainConfig:
     cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
+    # Drive every epoch-indexed schedule (LR, temperature decay, ortho warm-up, CwComp's layer windows) by
+    # training progress mapped onto the reference horizon, updated every step: a 3-epoch run passes through
+    # the phases of the 150-epoch recipe. Off: the released per-epoch schedules over this run's epochs.
+    budget_schedules: bool = False
+    schedule_epochs: int | None = (
+        None  # reference horizon; None: the recipe's train.epochs, else train.epochs
+    )
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
     checkpoint: bool = True
     progress: bool = True
@@ -140,6 +149,8 @@ class TrainConfig:
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
+        if self.schedule_epochs is not None and self.schedule_epochs < 1:
+            raise ConfigError(f"train.schedule_epochs must be >= 1 or null, got {self.schedule_epochs!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ConfigError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s!r}")
 

@@ -30,7 +30,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ from torch import nn
 import cawbench
 from cawbench.config import ConfigError, OptimConfig, RunConfig, save_yaml
 from cawbench.data import PreparedData, iterate_batches, prepare_data
-from cawbench.method import LocalNetwork, Method, StepContext, get_method
+from cawbench.method import LocalNetwork, Method, StepContext, get_method, recipe_overrides
 from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_bytes, atomic_write_text
+from cawbench.schedule import ScheduleClock, lr_at
 from cawbench.seeding import seed_everything
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -104,25 +105,14 @@ def make_optimizer(
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, epochs: int) -> Any:
-    """Stepped once per epoch."""
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=cfg.lr_min)
-    if cfg.scheduler == "linear_cooldown":  # loeweX's FF: linear decay to 0 over the second half
-        half = epochs / 2
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda e: 1.0 if e < half else max(0.0, 2 * (epochs - e) / epochs)
-        )
-    return None
-
-
 @dataclasses.dataclass
 class UnitState:
     unit: nn.Module
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer | None
-    scheduler: Any
+    optim: OptimConfig  # this unit's optimiser settings (the run's, with the unit's overrides)
     clip: float | None
+    scheduled_at: float | None = None  # schedule position last applied (unit schedules and LR)
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -139,30 +129,49 @@ def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> t
 class StepStats:
     """Per-unit sums over an epoch, kept on the device and read once at its end (no host sync per step).
 
-    Sums are updated in place, so a captured CUDA graph that replays the step keeps accumulating."""
+    Sums are updated in place, so a captured CUDA graph that replays the step keeps accumulating.
+    ``weighted``: also sum weight * term every step (the weights move within an epoch under
+    ``train.budget_schedules``); otherwise the weighted means are the epoch's weight times the mean."""
 
-    def __init__(self, n_units: int, device: torch.device) -> None:
+    def __init__(self, n_units: int, device: torch.device, weighted: bool = False) -> None:
         self.term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
+        self.weighted_sums: list[dict[str, torch.Tensor]] | None = (
+            [{} for _ in range(n_units)] if weighted else None
+        )
         self.correct = torch.zeros(n_units, device=device)
         self.seen = torch.zeros(n_units, device=device)
         self.steps = 0
+        self.active_steps = [0] * n_units  # steps in which each unit trained (the mean's denominator)
 
-    def add_terms(self, i: int, terms: dict[str, torch.Tensor]) -> None:
-        sums = self.term_sums[i]
-        if sums.keys() == terms.keys() and len(terms) > 1:  # the usual case: one kernel for every term
-            torch._foreach_add_(list(sums.values()), [terms[k].detach().float() for k in sums])
-            return
-        for k, v in terms.items():
-            v = v.detach().float()
-            if k in sums:
-                sums[k].add_(v)
-            else:
-                sums[k] = v.clone()
+    def count_step(self, ctx: StepContext) -> None:
+        """One batch went (or goes) through every unit; called once per batch by every executor."""
+        self.steps += 1
+        for i in range(len(self.active_steps)):
+            self.active_steps[i] += ctx.trains(i)
+
+    def add_terms(self, i: int, terms: dict[str, torch.Tensor], weights: Mapping[str, float]) -> None:
+        values = {k: v.detach().float() for k, v in terms.items()}
+        _accumulate(self.term_sums[i], values)
+        if self.weighted_sums is not None:
+            names = list(values)
+            scaled = torch._foreach_mul([values[k] for k in names], [weights.get(k, 1.0) for k in names])
+            _accumulate(self.weighted_sums[i], dict(zip(names, scaled)))
 
     def add_scores(self, i: int, scores: torch.Tensor, y: torch.Tensor) -> None:
         labels = y[: scores.shape[0]]
         self.correct[i].add_((scores.detach().argmax(1) == labels).sum())
         self.seen[i].add_(labels.shape[0])
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    if sums.keys() == values.keys() and len(values) > 1:  # the usual case: one kernel for every term
+        torch._foreach_add_(list(sums.values()), [values[k] for k in sums])
+        return
+    for k, v in values.items():
+        if k in sums:
+            sums[k].add_(v)
+        else:
+            sums[k] = v.clone()
 
 
 UnitHook = Callable[[int], contextlib.AbstractContextManager]
@@ -186,8 +195,10 @@ class BatchStep:
         *,
         autocast_cache: bool = True,
         overlap: bool = False,
+        lr_horizon: float = 1.0,
     ) -> None:
         self.method, self.net, self.units, self.device, self.bf16 = method, net, units, device, bf16
+        self.lr_horizon = lr_horizon  # epochs the LR schedules span (ScheduleClock.lr_horizon)
         self.autocast_cache = autocast_cache
         # train.parallel=streams on CUDA: every unit on its own stream (see __call__)
         self.streams = (
@@ -209,8 +220,6 @@ class BatchStep:
         shortcut: torch.Tensor | None,
         y: torch.Tensor,
         ctx: StepContext,
-        weights: dict[str, float],
-        active: list[bool],
         stats: StepStats,
         hook: UnitHook | None = None,
         ready: Any = None,
@@ -218,6 +227,9 @@ class BatchStep:
         """Train unit ``i`` on ``h``; return the next unit's (detached) input and the running shortcut.
         ``ready``: a CUDA event recorded as soon as that input exists (before this unit's backward)."""
         state = self.units[i]
+        active = ctx.trains(i)
+        if state.scheduled_at != ctx.at:  # once per epoch, or every step under train.budget_schedules
+            self._apply_schedule(state, ctx.at)
         with hook(i) if hook is not None else contextlib.nullcontext(), self._autocast():
             out = state.unit(h)
             # The next unit's input is ready now (computed before this unit's update): hand it over first,
@@ -225,37 +237,44 @@ class BatchStep:
             passed = self.net.advance(i, out.passed, shortcut)
             if ready is not None:
                 ready.record()
-            terms = state.unit.local_losses(out, y, ctx) if active[i] else {}
+            terms = state.unit.local_losses(out, y, ctx) if active else {}
         if terms:
-            loss = weighted_sum(terms, weights)
+            loss = weighted_sum(terms, ctx.weights)
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if state.clip is not None:
                 torch.nn.utils.clip_grad_norm_(state.params, state.clip)
             state.optimizer.step()
-            stats.add_terms(i, terms)
+            stats.add_terms(i, terms, ctx.weights)
         if out.scores is not None:
             stats.add_scores(i, out.scores, y)
         return passed
+
+    def _apply_schedule(self, state: UnitState, at: float) -> None:
+        """The unit's own schedules and its learning rate at schedule position ``at``."""
+        state.unit.set_schedule(at)
+        if state.optimizer is not None and state.optim.scheduler != "none":
+            lr = lr_at(state.optim, at, self.lr_horizon)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+        state.scheduled_at = at
 
     def __call__(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
         ctx: StepContext,
-        weights: dict[str, float],
-        active: list[bool],
         stats: StepStats,
         hook: UnitHook | None = None,
     ) -> None:
         if self.streams is not None:
-            return self._overlapped(x, y, ctx, weights, active, stats, hook)
+            return self._overlapped(x, y, ctx, stats, hook)
         h, shortcut = self.start(x, y), None
         for i in range(len(self.units)):
-            h, shortcut = self.unit(i, h, shortcut, y, ctx, weights, active, stats, hook)
+            h, shortcut = self.unit(i, h, shortcut, y, ctx, stats, hook)
         return None
 
-    def _overlapped(self, x, y, ctx, weights, active, stats, hook) -> None:
+    def _overlapped(self, x, y, ctx, stats, hook) -> None:
         """Every unit on its own CUDA stream: unit i+1 waits only for unit i's forward (an event), so its
         forward runs while unit i does its loss, backward, clipping and update. Each unit's stream keeps
         its steps in order, so unit i's next forward still sees its updated weights: the sequential maths,
@@ -274,7 +293,7 @@ class BatchStep:
                     if t is not None:
                         t.record_stream(stream)  # made on another stream, freed on this one
                 ready = torch.cuda.Event()
-                h, shortcut = self.unit(i, h, shortcut, y, ctx, weights, active, stats, hook, ready)
+                h, shortcut = self.unit(i, h, shortcut, y, ctx, stats, hook, ready)
             wait = ready
         for stream in self.streams:
             origin.wait_stream(stream)
@@ -346,7 +365,7 @@ class PipelineRunner:
         return item is not None and item.y.shape[0] == self.batch_size
 
     # -- one eager tick ----------------------------------------------------------------------------------
-    def _eager_tick(self, slots: list[_PipeItem | None], make_ctx, weights, active, stats) -> None:
+    def _eager_tick(self, slots: list[_PipeItem | None], make_ctx, stats) -> None:
         for i in reversed(range(self.n)):  # downstream first: an output waits one tick for its consumer
             item = slots[i]
             if item is None:
@@ -359,9 +378,7 @@ class PipelineRunner:
                         if t is not None:
                             t.record_stream(self.streams[i])  # made on another stream, freed here
                 h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
-                h, shortcut = self.step.unit(
-                    i, h, shortcut, item.y, make_ctx(item.batch), weights, active, stats
-                )
+                h, shortcut = self.step.unit(i, h, shortcut, item.y, make_ctx(item.batch), stats)
                 if i + 1 < self.n:
                     ready = self._event(self.streams[i] if self.cuda else None)
                     slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
@@ -395,7 +412,7 @@ class PipelineRunner:
             if buf.shortcut[i] is not None:
                 buf.shortcut[i].copy_(slots[i].shortcut)
 
-    def _tick(self, src: _TickBuffers, dst: _TickBuffers, ctxs: list[StepContext], weights, active, stats):
+    def _tick(self, src: _TickBuffers, dst: _TickBuffers, ctxs: list[StepContext], stats):
         origin = torch.cuda.current_stream(self.step.device) if self.cuda else None
         for i in reversed(range(self.n)):
             if self.cuda:
@@ -405,7 +422,7 @@ class PipelineRunner:
                     h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
                 else:
                     h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
-                h, shortcut = self.step.unit(i, h, shortcut, y, ctxs[i], weights, active, stats)
+                h, shortcut = self.step.unit(i, h, shortcut, y, ctxs[i], stats)
                 if i + 1 < self.n:
                     dst.h[i + 1].copy_(h)
                     dst.y[i + 1].copy_(y)
@@ -416,7 +433,7 @@ class PipelineRunner:
                 origin.wait_stream(s)
 
     # -- the epoch -----------------------------------------------------------------------------------------
-    def run_epoch(self, batches, make_ctx, weights, active, stats) -> None:
+    def run_epoch(self, batches, make_ctx, stats) -> None:
         n = self.n
         main = torch.cuda.current_stream(self.step.device) if self.cuda else None
         if self.cuda:
@@ -431,7 +448,7 @@ class PipelineRunner:
                 x, y = next(it)
             except StopIteration:
                 return None
-            stats.steps += 1
+            stats.count_step(make_ctx(fed))
             fed += 1
             return _PipeItem(None, None, y, fed - 1, self._event(main), x=x)
 
@@ -447,7 +464,7 @@ class PipelineRunner:
                 and all(self._full(item) for item in slots)
             )
             if not ready:
-                self._eager_tick(slots, make_ctx, weights, active, stats)
+                self._eager_tick(slots, make_ctx, stats)
                 slots[0] = feed()
             else:  # steady state: captured ticks until the batches run out or a smaller one comes
                 buffers = buffers or self._allocate(slots)
@@ -461,7 +478,7 @@ class PipelineRunner:
                             if state.optimizer is not None:
                                 state.optimizer.zero_grad(set_to_none=True)
                         tick = functools.partial(
-                            self._tick, buffers[parity], buffers[1 - parity], ctxs, weights, active, stats
+                            self._tick, buffers[parity], buffers[1 - parity], ctxs, stats
                         )
                         replays[parity] = self.backend.capture(tick)
                     replays[parity]()
@@ -521,8 +538,6 @@ def run_thread_pipeline(
     step: BatchStep,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     make_ctx: Callable[[int], StepContext],
-    weights: dict[str, float],
-    active: list[bool],
     stats: StepStats,
     groups: list[list[int]],
 ) -> None:
@@ -552,7 +567,7 @@ def run_thread_pipeline(
             try:
                 h, shortcut, y, ctx = item
                 for i in groups[w]:
-                    h, shortcut = step.unit(i, h, shortcut, y, ctx, weights, active, stats)
+                    h, shortcut = step.unit(i, h, shortcut, y, ctx, stats)
                 if w + 1 < n_workers:
                     queues[w + 1].put((h, shortcut, y, ctx))
             except BaseException as exc:  # re-raised in the calling thread
@@ -569,8 +584,9 @@ def run_thread_pipeline(
         for b, (x, y) in enumerate(batches):
             if errors:
                 break
-            queues[0].put((step.start(x, y), None, y, make_ctx(b)))
-            stats.steps += 1
+            ctx = make_ctx(b)
+            queues[0].put((step.start(x, y), None, y, ctx))
+            stats.count_step(ctx)
     finally:
         queues[0].put(None)
         for t in workers:
@@ -634,20 +650,19 @@ class GraphedSteps:
         self,
         batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
         make_ctx: Callable[[int], StepContext],
-        weights: dict[str, float],
-        active: list[bool],
         stats: StepStats,
     ) -> None:
         replay, static_x, static_y = None, None, None
         eager_first = 1 if self.warmed else self.warmup
         for b, (x, y) in enumerate(batches):
+            ctx = make_ctx(b)
             full = x.shape[0] == self.batch_size
             if replay is None and full and b >= eager_first:
                 static_x, static_y = x.clone(), y.clone()
                 for state in self.step.units:
                     if state.optimizer is not None:  # gradients will live in the graph's memory pool
                         state.optimizer.zero_grad(set_to_none=True)
-                step = functools.partial(self.step, static_x, static_y, make_ctx(b), weights, active, stats)
+                step = functools.partial(self.step, static_x, static_y, ctx, stats)
                 replay = self.backend.capture(step)
                 self.warmed = True
             if replay is not None and full:
@@ -655,8 +670,8 @@ class GraphedSteps:
                 static_y.copy_(y)
                 replay()
             else:
-                self.backend.eager(functools.partial(self.step, x, y, make_ctx(b), weights, active, stats))
-            stats.steps += 1
+                self.backend.eager(functools.partial(self.step, x, y, ctx, stats))
+            stats.count_step(ctx)
 
 
 # --------------------------------------------------------------------------------- the trainer
@@ -693,6 +708,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
         self.cuda_graph = _check_cuda_graph(cfg, self.device)
         self.units = [self._unit_state(u) for u in self.net.units]
+        self.clock = self._schedule_clock()
         self.step = BatchStep(
             self.method,
             self.net,
@@ -701,6 +717,7 @@ class Trainer:
             self.bf16,
             autocast_cache=not self.cuda_graph,
             overlap=cfg.train.parallel == "streams",
+            lr_horizon=self.clock.lr_horizon,
         )
         self.graphed = None
         self.pipeline = None
@@ -729,8 +746,50 @@ class Trainer:
             ocfg = dataclasses.replace(ocfg, **unit.optim_overrides)
         fused = self.cfg.train.fused_optimizer and self.device.type in _fused_devices()
         opt = make_optimizer(params, ocfg, fused=fused, capturable=self.cuda_graph) if params else None
-        sched = make_scheduler(opt, ocfg, self.cfg.train.epochs) if opt is not None else None
-        return UnitState(unit, params, opt, sched, ocfg.grad_clip)
+        return UnitState(unit, params, opt, ocfg, ocfg.grad_clip)
+
+    def _schedule_clock(self) -> ScheduleClock:
+        """Per-epoch schedules, or (``train.budget_schedules``) progress mapped onto the reference horizon:
+        ``train.schedule_epochs``, else the recipe's ``train.epochs``, else this run's."""
+        train = self.cfg.train
+        horizon = train.schedule_epochs or self.recipe_epochs() or train.epochs
+        clock = ScheduleClock(train.epochs, self.steps_per_epoch(), float(horizon), train.budget_schedules)
+        if not train.budget_schedules:
+            return clock
+        if self.cuda_graph:
+            raise ConfigError(
+                "train.budget_schedules moves the schedules every step, but train.cuda_graph freezes them in "
+                "the captured step; set one of them to false"
+            )
+        scheduled = [
+            f"learning rate ({s.optim.scheduler})" for s in self.units if s.optim.scheduler != "none"
+        ]
+        if not scheduled + self.method.epoch_schedules():
+            raise ConfigError(
+                f"train.budget_schedules=true would do nothing for method {self.cfg.method!r} here: it has no "
+                "epoch-indexed schedule (optim.scheduler=none and none of its own); set it to false"
+            )
+        return clock
+
+    def recipe_epochs(self) -> int | None:
+        """``train.epochs`` of the recipe this run was resolved from (its schedules' horizon), if any."""
+        if self.cfg.recipe == "default":
+            return None
+        try:
+            return recipe_overrides(type(self.method), self.cfg.recipe, self.cfg.data.name).get(
+                "train.epochs"
+            )
+        except ConfigError:
+            return None
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train) / self.cfg.train.batch_size)
+
+    def schedule_point(self, epoch: int, step: int) -> StepContext:
+        """The schedule state of one training batch: position, loss weights, units that train."""
+        at = self.clock.at(epoch, step)
+        active = tuple(s.optimizer is not None and s.unit.trainable_at(at) for s in self.units)
+        return StepContext(epoch, self.cfg.train.epochs, step, at, self.method.loss_weights(at), active)
 
     def _unit_costs(self) -> list[float]:
         """Forward FLOPs of each unit on a 2-image batch (to balance pipeline workers)."""
@@ -767,59 +826,69 @@ class Trainer:
         net.train()
         for u in net.units:
             u.on_epoch_start(epoch)
-        weights = self.method.loss_weights(epoch)
-        active = [u.optimizer is not None and u.unit.trainable_at(epoch) for u in self.units]
-        stats = StepStats(len(self.units), self.device)
-        n_batches = math.ceil(len(self.data.train) / cfg.train.batch_size)
-        bar = _progress(n_batches, f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.progress)
+        budget = self.clock.budget
+        epoch_point = self.schedule_point(epoch, 0)  # the whole epoch's, unless budget-scaled
+        stats = StepStats(len(self.units), self.device, weighted=budget)
+        bar = _progress(self.steps_per_epoch(), f"epoch {epoch + 1}/{cfg.train.epochs}", cfg.train.progress)
         batches = _counted(self._batches("train", epoch, train=True), bar)
-        epochs = cfg.train.epochs
 
         def make_ctx(step: int) -> StepContext:
-            return StepContext(epoch, epochs, step)
+            if budget:
+                return self.schedule_point(epoch, step)
+            return dataclasses.replace(epoch_point, step=step)
 
         start = time.perf_counter()
         if cfg.train.parallel == "pipeline" and self.pipeline_groups is not None:
-            run_thread_pipeline(self.step, batches, make_ctx, weights, active, stats, self.pipeline_groups)
+            run_thread_pipeline(self.step, batches, make_ctx, stats, self.pipeline_groups)
         elif cfg.train.parallel == "pipeline":
-            self.pipeline.run_epoch(batches, make_ctx, weights, active, stats)
+            self.pipeline.run_epoch(batches, make_ctx, stats)
         elif self.graphed is not None:
-            self.graphed.run_epoch(batches, make_ctx, weights, active, stats)
+            self.graphed.run_epoch(batches, make_ctx, stats)
         else:
             for b, (x, y) in enumerate(batches):
-                self.step(x, y, make_ctx(b), weights, active, stats)
-                stats.steps += 1
+                ctx = make_ctx(b)
+                self.step(x, y, ctx, stats)
+                stats.count_step(ctx)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         self.method.on_epoch_end(net, epoch)
-        for state in self.units:
-            if state.scheduler is not None:
-                state.scheduler.step()
-        return self._train_summary(
-            epoch, stats.term_sums, stats.correct, stats.seen, stats.steps, elapsed, active
-        )
+        return self._train_summary(epoch, stats, elapsed, epoch_point.weights)
 
-    def _train_summary(self, epoch, term_sums, correct, seen, steps, elapsed, active) -> dict[str, Any]:
+    def _train_summary(
+        self, epoch: int, stats: StepStats, elapsed: float, weights: Mapping[str, float]
+    ) -> dict[str, Any]:
+        """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted,
+        and its training accuracy, read back in one transfer."""
+        term_sums = stats.term_sums
         names = sorted({k for sums in term_sums for k in sums})
-        # One device->host transfer for every term of every unit.
-        table = torch.full((len(term_sums), max(len(names), 1)), float("nan"), device=self.device)
-        for i, sums in enumerate(term_sums):
-            for j, k in enumerate(names):
-                if k in sums:
-                    table[i, j] = sums[k] / max(steps, 1)
-        values = table.tolist()
-        acc = (100 * correct / seen.clamp(min=1)).tolist()
-        seen_list = seen.tolist()
+        sources = [term_sums] + ([stats.weighted_sums] if stats.weighted_sums is not None else [])
+        table = torch.full(
+            (len(sources), len(term_sums), max(len(names), 1)), float("nan"), device=self.device
+        )
+        for s, sums_by_unit in enumerate(sources):
+            for i, sums in enumerate(sums_by_unit):
+                for j, k in enumerate(names):
+                    if k in sums:
+                        table[s, i, j] = sums[k] / max(stats.active_steps[i], 1)
+        values, *weighted = table.tolist()
+        if not weighted:  # the weights held for the whole epoch: weighted mean = weight x mean
+            weighted = [[[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]]
+        acc = (100 * stats.correct / stats.seen.clamp(min=1)).tolist()
+        seen_list = stats.seen.tolist()
         for i, row in enumerate(values):
             for j, v in enumerate(row[: len(names)]):
-                if active[i] and names[j] in term_sums[i] and not math.isfinite(v):
+                if stats.active_steps[i] and names[j] in term_sums[i] and not math.isfinite(v):
                     raise TrainingDiverged(f"loss term {names[j]!r} of layer {i} is {v} at epoch {epoch}")
+
+        def by_term(rows: list[list[float]]) -> dict[str, list[float | None]]:
+            return {k: [_nan_to_none(rows[i][j]) for i in range(len(rows))] for j, k in enumerate(names)}
+
         return {
-            "train_loss": {
-                k: [_nan_to_none(values[i][j]) for i in range(len(values))] for j, k in enumerate(names)
-            },
+            "train_loss": by_term(values),
+            "train_loss_weighted": by_term(weighted[0]),
+            "schedule_at": self.clock.at(epoch, 0),
             "train_acc": [acc[i] if seen_list[i] else None for i in range(len(acc))],
             "train_time_s": elapsed,
             "train_images_per_s": len(self.data.train) / elapsed if elapsed > 0 else None,
@@ -969,7 +1038,6 @@ class Trainer:
             "epochs_done": epochs_done,
             "net": self.net.state_dict(),
             "optimizers": [s.optimizer.state_dict() if s.optimizer else None for s in self.units],
-            "schedulers": [s.scheduler.state_dict() if s.scheduler else None for s in self.units],
             "history": self.history,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -994,11 +1062,9 @@ class Trainer:
                 "resume with the same configuration or choose another --run-name"
             )
         self.net.load_state_dict(state["net"])
-        for s, o, sc in zip(self.units, state["optimizers"], state["schedulers"], strict=True):
+        for s, o in zip(self.units, state["optimizers"], strict=True):
             if s.optimizer is not None and o is not None:
-                s.optimizer.load_state_dict(o)
-            if s.scheduler is not None and sc is not None:
-                s.scheduler.load_state_dict(sc)
+                s.optimizer.load_state_dict(o)  # the LR is re-set from the schedule at the next step
         self.history = list(state["history"])
         self.start_epoch = int(state["epochs_done"])
         torch.set_rng_state(state["rng_cpu"].cpu())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,9 +39,26 @@ class UnitOutput:
 
 @dataclass(frozen=True)
 class StepContext:
+    """Where one training batch stands on the run's schedules (built by the engine for every batch).
+
+    ``at`` is the position on the recipe's epoch axis that every epoch-indexed schedule reads: the epoch
+    index itself, or, with ``train.budget_schedules``, training progress mapped onto the recipe's horizon
+    (fractional, updated every step). ``weights`` and ``active`` are the method's loss weights and the
+    units that train at that position."""
+
     epoch: int  # 0-based
     epochs: int
     step: int  # batch index within the epoch
+    at: float | None = None  # schedule position in reference epochs; None: the epoch index
+    weights: Mapping[str, float] = field(default_factory=dict)  # loss-term weights (missing terms: 1)
+    active: Sequence[bool] | None = None  # per unit: trains on this batch; None: every unit
+
+    def __post_init__(self) -> None:
+        if self.at is None:
+            object.__setattr__(self, "at", float(self.epoch))
+
+    def trains(self, unit_index: int) -> bool:
+        return self.active is None or self.active[unit_index]
 
 
 class LocalUnit(nn.Module):
@@ -60,12 +78,18 @@ class LocalUnit(nn.Module):
         """Named, unweighted loss terms; the method's ``loss_weights`` scales them."""
         return {}
 
-    def trainable_at(self, epoch: int) -> bool:
-        """False outside this unit's training window (CwComp's interleaved layer training)."""
+    def trainable_at(self, at: float) -> bool:
+        """False outside this unit's training window (CwComp's interleaved layer training); ``at`` is the
+        schedule position in the recipe's epochs (fractional under ``train.budget_schedules``)."""
         return True
 
+    def set_schedule(self, at: float) -> None:
+        """Epoch-indexed schedules inside the unit (CAW-Conv's temperature decay), at schedule position
+        ``at``. Called before the unit trains on a batch whenever ``at`` has moved: once per epoch, or every
+        step under ``train.budget_schedules``."""
+
     def on_epoch_start(self, epoch: int) -> None:
-        """Per-epoch schedules inside the unit (CAW-Conv's temperature decay)."""
+        """Structural per-epoch events that are not schedules (CaFo's BN calibration epoch)."""
 
     def epoch_stats(self) -> dict[str, float]:
         """Scalars recorded every epoch (e.g. the temperature)."""
@@ -127,9 +151,15 @@ class Method:
     def build(self) -> LocalNetwork:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def loss_weights(self, epoch: int) -> dict[str, float]:
-        """Weight of each named loss term at this epoch; terms not named get weight 1."""
+    def loss_weights(self, at: float) -> dict[str, float]:
+        """Weight of each named loss term at schedule position ``at`` (the recipe's epochs); terms not named
+        get weight 1."""
         return {}
+
+    def epoch_schedules(self) -> list[str]:
+        """The epoch-indexed schedules this configuration drives besides the learning rate (names, for
+        messages): what ``train.budget_schedules`` rescales. Empty: nothing to rescale."""
+        return []
 
     def prepare_batch(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
         """Method-specific input construction (FF's label embedding); identity by default."""

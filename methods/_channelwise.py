@@ -10,7 +10,11 @@ One unit per conv row of the architecture plan computes (spec ``caw_conv_and_dee
     z = GroupNorm(K) | InstanceNorm | identity of y         # passed on; the plan's residual op follows
 
 and the named, unweighted loss terms ``ce`` (label-smoothed CE of g), ``entropy`` and ``ortho`` of A.
-The weights (lambda_H, lambda_O times its linear warm-up) come from :meth:`ChannelwiseMethod.loss_weights`.
+The weights (lambda_H, negated for ``entropy_direction=maximize``; lambda_O times its linear warm-up) come
+from :meth:`ChannelwiseMethod.loss_weights`. Two readings of the regularisers: the released code
+(``entropy_direction=minimize``, ``ortho_form=released``: the defaults) and the overview's text (entropy
+maximised for uniform channel use; ``ortho_form=frobenius``, ||G - I||_F^2 without the released double
+normalisation that leaves the term at ~1e-7).
 Every difference between the two methods is a field of :class:`ChannelwiseConfig`, so the ablation ladder
 walks from one to the other one switch at a time. Gradient clipping is ``optim.grad_clip`` (per unit).
 
@@ -55,6 +59,8 @@ SCORE_REDUCTIONS = ("mean", "sum")
 NORMS = ("group", "instance", "none")
 CONV_INITS = ("kaiming", "default")
 INPUT_NORMS = ("layer", "none")
+ENTROPY_DIRECTIONS = ("minimize", "maximize")
+ORTHO_FORMS = ("released", "frobenius")
 #: the architectures whose plans are made only of conv rows (what a channel-wise unit can be built from)
 CONV_ARCHS = ("resnet17", "vgg14", "vgg13", "tinycnn")
 ENTROPY_EPS = 1e-10  # inside the log of the entropy term, as in the authors' code
@@ -89,8 +95,12 @@ class ChannelwiseConfig:
     dropout: float = 0.2  # after the ReLU, before both the score and the normalisation
     conv_init: str = "kaiming"  # kaiming: kaiming_normal_(fan_out, relu) | default: PyTorch's
     label_smoothing: float = 0.0
-    lambda_entropy: float = 0.0  # weight of the `entropy` term (minimised: channels commit to few classes)
+    lambda_entropy: float = 0.0  # weight of the `entropy` term H(A)
+    # minimize (released code: channels commit to few classes) | maximize (the overview's text: uniform use)
+    entropy_direction: str = "minimize"
     lambda_ortho: float = 0.0  # weight of the `ortho` term at full warm-up
+    # released: ((G - I)^2).mean() / (K^2 C), ~1e-7 | frobenius: ||G - I||_F^2, G the column-normalised Gram
+    ortho_form: str = "released"
     ortho_warmup_epochs: int = 50  # lambda_ortho * min(1, epoch / this); 0 = no warm-up
     input_norm: str = "layer"  # layer: per-sample LayerNorm over (C, H, W), no affine, before layer 0
 
@@ -102,6 +112,8 @@ class ChannelwiseConfig:
         _choice("norm", self.norm, NORMS)
         _choice("conv_init", self.conv_init, CONV_INITS)
         _choice("input_norm", self.input_norm, INPUT_NORMS)
+        _choice("entropy_direction", self.entropy_direction, ENTROPY_DIRECTIONS)
+        _choice("ortho_form", self.ortho_form, ORTHO_FORMS)
         for name in ("lambda_entropy", "lambda_ortho"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -140,21 +152,57 @@ def assignment_entropy(assignment: torch.Tensor) -> torch.Tensor:
     return -(assignment * torch.log(assignment + ENTROPY_EPS)).sum() / k
 
 
-def assignment_orthogonality(assignment: torch.Tensor) -> torch.Tensor:
-    """O(A) = (1/(K^2 C)) mean_{k,k'} (G - I)^2 with G = Ahat^T Ahat, Ahat = A with L2-normalised columns.
+def column_gram(assignment: torch.Tensor) -> torch.Tensor:
+    """G = Ahat^T Ahat [K, K], Ahat = A with L2-normalised columns (+1e-10 on each norm, as released)."""
+    columns = assignment / (assignment.norm(dim=0, keepdim=True) + ORTHO_EPS)
+    return columns.T @ columns
 
-    Zero when the classes use disjoint channel sets (spec 1(b)6; the double normalisation is the authors').
+
+def assignment_orthogonality(assignment: torch.Tensor, form: str = "released") -> torch.Tensor:
+    """Zero when the classes use disjoint channel sets; G = :func:`column_gram` of A [C, K].
+
+    ``released``: O(A) = (1/(K^2 C)) mean_{k,k'} (G - I)^2 (spec 1(b)6; the authors' double normalisation,
+    ~1e-7 in practice). ``frobenius``: the textbook ||G - I||_F^2 = sum_{k,k'} (G - I)^2, no further
+    normalisation (the overview's reading of the term as a real penalty).
     """
     c, k = assignment.shape
-    columns = assignment / (assignment.norm(dim=0, keepdim=True) + ORTHO_EPS)
-    gram = columns.T @ columns
-    eye = torch.eye(k, device=assignment.device, dtype=gram.dtype)
-    return ((gram - eye) ** 2).mean() / (k * k * c)
+    gram = column_gram(assignment)
+    squared = (gram - torch.eye(k, device=assignment.device, dtype=gram.dtype)) ** 2
+    if form == "frobenius":
+        return squared.sum()
+    return squared.mean() / (k * k * c)
 
 
-def ortho_warmup(epoch: int, warmup_epochs: int) -> float:
-    """Linear curriculum factor min(1, epoch / warmup_epochs); 1 when there is no warm-up."""
-    return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
+@torch.no_grad()
+def assignment_diagnostics(assignment: torch.Tensor, axis: str = "classes") -> dict[str, torch.Tensor]:
+    """What the regularisers do to A [C, K], as 0-d tensors (read once per epoch):
+
+    - ``assignment_entropy_norm``: mean entropy of the softmax's distributions (rows over classes, or
+      columns over channels for ``axis=channels``) divided by its uniform maximum: 0 one-hot, 1 uniform;
+    - ``assignment_offdiag``: mean off-diagonal entry of the column-normalised Gram matrix G: 0 when the
+      classes use disjoint channel sets, 1 when every class uses the same channels;
+    - ``assignment_committed``: fraction of channels whose largest (row-normalised) assignment exceeds 0.5.
+    """
+    a = assignment.float()
+    c, k = a.shape
+    dists, size = (a, k) if axis == "classes" else (a.T, c)
+    entropy = -(dists * torch.log(dists + ENTROPY_EPS)).sum(1)
+    entropy_norm = entropy.mean() / math.log(size) if size > 1 else torch.zeros((), device=a.device)
+    gram = column_gram(a)
+    offdiag = (gram.sum() - gram.diagonal().sum()) / max(k * (k - 1), 1)
+    rows = a / a.sum(1, keepdim=True).clamp_min(ENTROPY_EPS)
+    committed = (rows.amax(1) > 0.5).float().mean()
+    return {
+        "assignment_entropy_norm": entropy_norm,
+        "assignment_offdiag": offdiag,
+        "assignment_committed": committed,
+    }
+
+
+def ortho_warmup(at: float, warmup_epochs: int) -> float:
+    """Linear curriculum factor min(1, at / warmup_epochs) at schedule position ``at`` (epochs); 1 when there
+    is no warm-up."""
+    return 1.0 if warmup_epochs <= 0 else min(1.0, at / warmup_epochs)
 
 
 def contiguous_assignment(channels: int, num_classes: int) -> torch.Tensor:
@@ -205,7 +253,7 @@ class ChannelwiseUnit(LocalUnit):
                 self.log_temperature = nn.Parameter(log_t)
             else:
                 self.register_buffer("log_temperature", log_t)
-            self.register_buffer("temperature_schedule", torch.tensor(1.0))  # decay**epoch
+            self.register_buffer("temperature_schedule", torch.tensor(1.0))  # decay**at
         else:
             self.register_buffer("fixed_assignment", contiguous_assignment(channels, num_classes))
         self.score_scale = num_classes / channels if cfg.score_reduction == "mean" else 1.0
@@ -213,7 +261,7 @@ class ChannelwiseUnit(LocalUnit):
 
     # -- assignment
     def temperature(self) -> torch.Tensor:
-        """T_e = clamp(exp(tau), T_min, T_max) * decay**e (a 0-d tensor; no host sync)."""
+        """T = clamp(exp(tau), T_min, T_max) * decay**at (a 0-d tensor; no host sync)."""
         clamped = self.log_temperature.exp().clamp(self.cfg.temperature_min, self.cfg.temperature_max)
         return clamped * self.temperature_schedule
 
@@ -257,21 +305,24 @@ class ChannelwiseUnit(LocalUnit):
             ent_in = assignment if self.cfg.lambda_entropy > 0 else assignment.detach()
             ortho_in = assignment if self.cfg.lambda_ortho > 0 else assignment.detach()
             terms["entropy"] = assignment_entropy(ent_in)
-            terms["ortho"] = assignment_orthogonality(ortho_in)
+            terms["ortho"] = assignment_orthogonality(ortho_in, self.cfg.ortho_form)
         return terms
 
     # -- schedules and interpretability outputs
-    def on_epoch_start(self, epoch: int) -> None:
+    def set_schedule(self, at: float) -> None:
         if self.learnable:
-            self.temperature_schedule.fill_(self.cfg.temperature_decay**epoch)
+            self.temperature_schedule.fill_(self.cfg.temperature_decay**at)
 
     @torch.no_grad()
     def epoch_stats(self) -> dict[str, float]:
-        if not self.learnable:
-            return {}
         assignment = self.assignment()
-        values = torch.stack([self.temperature(), assignment_entropy(assignment)]).tolist()  # one sync
-        return {"temperature": values[0], "assignment_entropy": values[1]}
+        stats = assignment_diagnostics(assignment, self.cfg.assignment_axis)
+        if self.learnable:
+            stats["temperature"] = self.temperature()
+            stats["assignment_entropy"] = assignment_entropy(assignment)
+        names = list(stats)
+        values = torch.stack([stats[k].float() for k in names]).tolist()  # one sync
+        return dict(zip(names, values))
 
     @torch.no_grad()
     def artifacts(self) -> dict[str, torch.Tensor]:
@@ -369,10 +420,19 @@ class ChannelwiseMethod(Method):
         stem = InputLayerNorm() if self.params.input_norm == "layer" else None
         return LocalNetwork(units, plan, stem)
 
-    def loss_weights(self, epoch: int) -> dict[str, float]:
+    def loss_weights(self, at: float) -> dict[str, float]:
         p = self.params
+        sign = 1.0 if p.entropy_direction == "minimize" else -1.0  # maximise H: minimise -lambda_H H
         return {
             "ce": 1.0,
-            "entropy": p.lambda_entropy,
-            "ortho": p.lambda_ortho * ortho_warmup(epoch, p.ortho_warmup_epochs),
+            "entropy": sign * p.lambda_entropy,
+            "ortho": p.lambda_ortho * ortho_warmup(at, p.ortho_warmup_epochs),
         }
+
+    def epoch_schedules(self) -> list[str]:
+        p, found = self.params, []
+        if p.assignment == "learnable" and p.temperature_decay != 1.0:
+            found.append(f"temperature decay ({p.temperature_decay}^epoch)")
+        if p.assignment == "learnable" and p.lambda_ortho > 0 and p.ortho_warmup_epochs > 0:
+            found.append(f"orthogonality warm-up (over {p.ortho_warmup_epochs} epochs)")
+        return found

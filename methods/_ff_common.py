@@ -291,7 +291,7 @@ class FFFamilyMethod(Method):
                 "readout.name=last for the head (and readout.sum_range=[1,-2] for the label sweep)"
             )
 
-    def loss_weights(self, epoch: int) -> dict[str, float]:
+    def loss_weights(self, at: float) -> dict[str, float]:
         return {"peer": self.params.peer_norm}
 
     # ----------------------------------------------------------------------------- label embedding

@@ -130,14 +130,18 @@ class CwCompConfig:
                 )
 
 
-def resolve_windows(params: CwCompConfig, dataset: str, n_layers: int, epochs: int) -> tuple[Windows, int]:
-    """Per-layer training windows and the Sf head's start epoch for this run."""
+#: the window of a layer that trains every epoch (ilt=none), whatever the schedule's horizon
+ALWAYS = (0, 2**31 - 1)
+
+
+def resolve_windows(params: CwCompConfig, dataset: str, n_layers: int) -> tuple[Windows, int]:
+    """Per-layer training windows and the Sf head's start epoch for this run (in the recipe's epochs)."""
     head_start = params.head_start
     if params.ilt_windows is not None:
         windows: Windows = params.ilt_windows
         table_head = 0
     elif params.ilt == "none":
-        windows, table_head = ((0, max(epochs, 1)),) * n_layers, 0
+        windows, table_head = (ALWAYS,) * n_layers, 0
     else:
         table = ILT_TABLES[params.ilt]
         if dataset not in table:
@@ -175,11 +179,11 @@ class CwCompLayer(LocalUnit):
         self.cwg_ce_weight = params.cwg_ce_weight
         self._active = True
 
-    def on_epoch_start(self, epoch: int) -> None:
-        self._active = self.trainable_at(epoch)
+    def set_schedule(self, at: float) -> None:
+        self._active = self.trainable_at(at)
 
-    def trainable_at(self, epoch: int) -> bool:
-        return self.window[0] <= epoch < self.window[1]
+    def trainable_at(self, at: float) -> bool:
+        return self.window[0] <= at < self.window[1]
 
     def forward(self, x: torch.Tensor) -> UnitOutput:
         # Outside its window a layer only runs forward: no graph needed.
@@ -217,8 +221,8 @@ class SoftmaxHead(LocalUnit):
         self.double_softmax = params.sf_double_softmax
         self.optim_overrides = {"name": "sgd", "lr": params.sf_lr, "momentum": 0.0, "weight_decay": 0.0}
 
-    def trainable_at(self, epoch: int) -> bool:
-        return epoch >= self.start
+    def trainable_at(self, at: float) -> bool:
+        return at >= self.start
 
     def forward(self, x: torch.Tensor) -> UnitOutput:
         logits = self.linear(x.flatten(1))
@@ -294,8 +298,7 @@ class CwComp(Method):
     def build(self) -> LocalNetwork:
         plan = build_plan(self.cfg.model, self.info)
         self._check_plan(plan)
-        epochs = self.cfg.train.epochs
-        windows, head_start = resolve_windows(self.params, self.info.name, len(plan), epochs)
+        windows, head_start = resolve_windows(self.params, self.info.name, len(plan))
         k = self.info.num_classes
         units: list[LocalUnit] = [
             CwCompLayer(spec, k, window, self.params)
@@ -305,6 +308,12 @@ class CwComp(Method):
             last = plan.layers[-1]
             units.append(SoftmaxHead(last.passed_channels * last.out_size**2, k, head_start, self.params))
         return LocalNetwork(units)
+
+    def epoch_schedules(self) -> list[str]:
+        p = self.params
+        if p.ilt_windows is None and p.ilt == "none" and not p.head_start:
+            return []
+        return [f"interleaved layer-training windows (params.ilt={p.ilt}, ilt_windows={p.ilt_windows})"]
 
     def _check_plan(self, plan: ArchPlan) -> None:
         if any(s.kind != "conv" or s.ops_after for s in plan.layers):

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from cawbench.bench import random_data  # noqa: E402
 from cawbench.engine import StepStats, Trainer  # noqa: E402
-from cawbench.method import StepContext, resolve_config  # noqa: E402
+from cawbench.method import resolve_config  # noqa: E402
 
 
 def main() -> int:
@@ -49,11 +49,10 @@ def main() -> int:
     trainer = Trainer(cfg, data=data, write_result=False)
     trainer.net.train()
     x, y = next(trainer._batches("train", 0, train=True))
-    weights = trainer.method.loss_weights(0)
-    active = [u.optimizer is not None and u.unit.trainable_at(0) for u in trainer.units]
+    ctx = trainer.schedule_point(0, 0)
 
     def step() -> None:
-        trainer.step(x, y, StepContext(0, 1, 0), weights, active, StepStats(len(trainer.units), device))
+        trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
 
     def sync() -> None:
         if device.type == "cuda":

@@ -43,13 +43,13 @@ def test_saved_bytes_of_a_two_unit_network_match_a_hand_count():
     batch, sizes = 4, [(3, 5), (5, 2)]
     units = [LinearReLU(a, b) for a, b in sizes]
     net = LocalNetwork(units)
-    states = [UnitState(u, list(u.parameters()), make_optimizer(list(u.parameters()), OptimConfig()), None, None)
-              for u in units]  # fmt: skip
+    states = [UnitState(u, list(u.parameters()), make_optimizer(list(u.parameters()), OptimConfig()),
+                        OptimConfig(), None) for u in units]  # fmt: skip
     method = SimpleNamespace(prepare_batch=lambda x, y, training: x)
     step = BatchStep(method, net, states, torch.device("cpu"), bf16=False)
     meter = SavedTensorMeter(parameter_storages(net))
     x, y = torch.randn(batch, 3), torch.zeros(batch, dtype=torch.long)
-    step(x, y, StepContext(0, 1, 0), {}, [True, True], StepStats(2, torch.device("cpu")), hook=meter.hook)
+    step(x, y, StepContext(0, 1, 0), StepStats(2, torch.device("cpu")), hook=meter.hook)
     # Hand count, float32 = 4 bytes: unit 0 keeps x [4,3] and h [4,5]; unit 1 keeps its input [4,5] and h [4,2].
     assert meter.unit_bytes() == [4 * batch * (3 + 5), 4 * batch * (5 + 2)]  # [128, 112]
 

@@ -143,17 +143,17 @@ def test_sf_head_double_softmax_switch():
 # --------------------------------------------------------------------------------- ILT
 def test_ilt_tables_and_errors():
     p = cwcomp.CwCompConfig()
-    assert cwcomp.resolve_windows(p, "fashion-mnist", 4, 50) == (((0, 10), (0, 15), (0, 19), (0, 23)), 0)
-    assert cwcomp.resolve_windows(p, "cifar10", 4, 50)[0] == ((0, 11), (0, 16), (0, 21), (0, 25))
-    assert cwcomp.resolve_windows(p, "mnist", 4, 20)[0] == ((0, 2), (0, 3), (0, 4), (0, 5))
+    assert cwcomp.resolve_windows(p, "fashion-mnist", 4) == (((0, 10), (0, 15), (0, 19), (0, 23)), 0)
+    assert cwcomp.resolve_windows(p, "cifar10", 4)[0] == ((0, 11), (0, 16), (0, 21), (0, 25))
+    assert cwcomp.resolve_windows(p, "mnist", 4)[0] == ((0, 2), (0, 3), (0, 4), (0, 5))
     fast = cwcomp.CwCompConfig(ilt="fast")
-    assert cwcomp.resolve_windows(fast, "cifar10", 4, 50) == (((0, 11), (2, 18), (4, 26), (6, 32)), 10)
-    windows, head = cwcomp.resolve_windows(p, "cifar100", 6, 100)
+    assert cwcomp.resolve_windows(fast, "cifar10", 4) == (((0, 11), (2, 18), (4, 26), (6, 32)), 10)
+    windows, head = cwcomp.resolve_windows(p, "cifar100", 6)
     assert windows == ((0, 30), (0, 30), (30, 60), (30, 60), (60, 85), (60, 85)) and head == 85
     with pytest.raises(ConfigError, match="no window table for dataset 'digits'"):
-        cwcomp.resolve_windows(p, "digits", 4, 5)
+        cwcomp.resolve_windows(p, "digits", 4)
     with pytest.raises(ConfigError, match="6 layers but the architecture has 4"):
-        cwcomp.resolve_windows(p, "cifar100", 4, 100)
+        cwcomp.resolve_windows(p, "cifar100", 4)
     with pytest.raises(ConfigError, match="params.ilt='slow'"):
         cwcomp.CwCompConfig(ilt="slow")
 

@@ -20,6 +20,7 @@ from cawbench.methods._channelwise import (
     ChannelwiseConfig,
     ChannelwiseUnit,
     InputLayerNorm,
+    assignment_diagnostics,
     assignment_entropy,
     assignment_orthogonality,
     contiguous_assignment,
@@ -74,6 +75,80 @@ def test_ortho_matches_hand_computation_for_2x2():
     # off-diagonal entries of 0.5 -> mean 0.25; divided by K^2 C = 4 * 2 -> 0.03125.
     a = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
     assert assignment_orthogonality(a).item() == pytest.approx(0.03125, rel=1e-6)
+
+
+def test_frobenius_ortho_is_the_plain_squared_norm_of_gram_minus_identity():
+    # Same A as above: two off-diagonal entries of 1/sqrt(2), squared 0.5 each, summed -> 1.0 (no 1/(K^2 C)).
+    a = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
+    assert assignment_orthogonality(a, "frobenius").item() == pytest.approx(1.0, rel=1e-6)
+    # Uniform A [C, K]: every column the same unit vector, G = all ones -> K^2 - K off-diagonal ones.
+    assert assignment_orthogonality(torch.full((6, 3), 1 / 3), "frobenius").item() == pytest.approx(6.0)
+    assert assignment_orthogonality(contiguous_assignment(30, 10), "frobenius").item() == pytest.approx(0.0)
+
+
+def test_entropy_direction_flips_the_weight_and_the_trend_of_h(tiny_config):
+    weights = {}
+    for direction in ("minimize", "maximize"):
+        cfg = tiny_config("caw_conv", params__entropy_direction=direction)
+        weights[direction] = get_method("caw_conv")(cfg, None).loss_weights(0)["entropy"]
+    assert weights == {"minimize": 1e-2, "maximize": -1e-2}
+    # One step on the entropy term alone from a peaked A: minimising sharpens A, maximising flattens it.
+    torch.manual_seed(0)
+    entropies = {}
+    for direction, sign in (("minimize", 1.0), ("maximize", -1.0)):
+        unit = ChannelwiseUnit(conv_spec(1, 10), 10, CAWConvConfig())
+        with torch.no_grad():
+            unit.assignment_logits.copy_(torch.eye(10) * 5)
+        before = assignment_entropy(unit.assignment()).item()
+        (sign * assignment_entropy(unit.assignment())).backward()
+        with torch.no_grad():
+            unit.assignment_logits.sub_(10.0 * unit.assignment_logits.grad)
+        entropies[direction] = assignment_entropy(unit.assignment()).item() - before
+    assert entropies["minimize"] < 0 < entropies["maximize"]
+
+
+def test_unknown_regulariser_forms_name_the_valid_ones(tiny_config):
+    with pytest.raises(ConfigError, match=r"params.entropy_direction='up'.*minimize, maximize"):
+        tiny_config("caw_conv", params__entropy_direction="up")
+    with pytest.raises(ConfigError, match=r"params.ortho_form='l1'.*released, frobenius"):
+        tiny_config("caw_conv", params__ortho_form="l1")
+
+
+def test_defaults_stay_the_released_regularisers():
+    cfg = CAWConvConfig()
+    assert (cfg.entropy_direction, cfg.ortho_form) == ("minimize", "released")
+    unit = ChannelwiseUnit(conv_spec(1, 10), 10, cfg)
+    a = torch.softmax(torch.randn(10, 10, generator=torch.Generator().manual_seed(1)), 1)
+    out = UnitOutput(passed=torch.zeros(1), scores=torch.zeros(1, 10), extras={"assignment": a})
+    terms = unit.local_losses(out, torch.tensor([0]), CTX)
+    assert terms["ortho"].item() == assignment_orthogonality(a).item()
+    assert terms["entropy"].item() == assignment_entropy(a).item()
+
+
+@pytest.mark.parametrize(
+    "a, entropy_norm, offdiag, committed",
+    [
+        (torch.full((20, 10), 0.1), 1.0, 1.0, 0.0),  # uniform: every class uses every channel
+        (contiguous_assignment(20, 10), 0.0, 0.0, 1.0),  # one-hot, disjoint groups
+        # rows (0.75, 0.25) and (0.5, 0.5): entropies 0.5623 and ln 2 nats -> mean / ln 2 = 0.9056;
+        # columns (0.75, 0.5), (0.25, 0.5): cosine 0.4375 / sqrt(0.8125 * 0.3125) = 0.8682; one row > 0.5
+        (torch.tensor([[0.75, 0.25], [0.5, 0.5]]), 0.905639, 0.868243, 0.5),
+    ],
+)
+def test_assignment_diagnostics_by_hand(a, entropy_norm, offdiag, committed):
+    stats = {k: v.item() for k, v in assignment_diagnostics(a).items()}
+    assert stats["assignment_entropy_norm"] == pytest.approx(entropy_norm, abs=1e-5)
+    assert stats["assignment_offdiag"] == pytest.approx(offdiag, abs=1e-5)
+    assert stats["assignment_committed"] == pytest.approx(committed)
+
+
+def test_epoch_stats_carry_the_diagnostics_for_learnable_and_fixed_assignments():
+    caw = ChannelwiseUnit(conv_spec(1, 10), 10, CAWConvConfig()).epoch_stats()
+    assert set(caw) == {"temperature", "assignment_entropy", "assignment_entropy_norm", "assignment_offdiag",
+                        "assignment_committed"}  # fmt: skip
+    assert caw["assignment_entropy_norm"] == pytest.approx(1.0) and caw["assignment_committed"] == 0.0
+    fixed = ChannelwiseUnit(conv_spec(1, 10), 10, DeeperForwardConfig()).epoch_stats()
+    assert fixed == {"assignment_entropy_norm": 0.0, "assignment_offdiag": 0.0, "assignment_committed": 1.0}
 
 
 def test_mix_pooling_of_a_known_tensor():
@@ -147,9 +222,9 @@ def test_loss_weights_follow_lambdas_and_the_linear_ortho_warmup(tiny_config):
 
 def test_temperature_decays_per_epoch_and_is_clamped():
     unit = ChannelwiseUnit(conv_spec(1, 10), 10, CAWConvConfig())
-    unit.on_epoch_start(0)
+    unit.set_schedule(0)
     assert unit.temperature().item() == pytest.approx(10.0, rel=1e-6)
-    unit.on_epoch_start(40)
+    unit.set_schedule(40)
     assert unit.temperature().item() == pytest.approx(10.0 * 0.995**40, rel=1e-5)
     with torch.no_grad():
         unit.log_temperature.fill_(math.log(1e4))  # above the clamp: 100 * decay

@@ -12,7 +12,7 @@ from cawbench.bench import HostReadCounter
 from cawbench.config import DataConfig
 from cawbench.data import BatchTransform, Split, iterate_batches
 from cawbench.engine import StepStats, Trainer
-from cawbench.method import StepContext, list_methods
+from cawbench.method import list_methods
 from cawbench.seeding import epoch_generator
 
 
@@ -50,16 +50,12 @@ def test_a_training_step_reads_nothing_back_to_the_host(method, tiny_config):
     # .item(), bool(tensor), nonzero, ... inside the layer loop would stall a GPU once per unit per batch.
     trainer = Trainer(tiny_config(method), write_result=False)
     x, y = next(trainer._batches("train", 0, train=True))
-    weights = trainer.method.loss_weights(0)
-    active = [u.optimizer is not None and u.unit.trainable_at(0) for u in trainer.units]
     trainer.net.train()
-    for unit in trainer.net.units:  # as train_epoch does: per-epoch schedules are part of the step
+    for unit in trainer.net.units:  # as train_epoch does
         unit.on_epoch_start(0)
     for step in range(2):  # the second step too: optimiser state exists by then
         with HostReadCounter() as reads:
-            trainer.step(
-                x, y, StepContext(0, 1, step), weights, active, StepStats(len(trainer.units), trainer.device)
-            )
+            trainer.step(x, y, trainer.schedule_point(0, step), StepStats(len(trainer.units), trainer.device))
         assert reads.count == 0, (step, sorted(reads.names))
 
 
