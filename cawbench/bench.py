@@ -54,8 +54,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cawbench.config import ConfigError, DataConfig, parse_override
 from cawbench.data import BatchTransform, DataInfo, PreparedData, Split
 
-REFERENCE = "backprop"
-
 
 # --------------------------------------------------------------------------------- measuring helpers
 class SavedTensorMeter:
@@ -515,7 +513,7 @@ def add_parser(sub: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from cawbench.engine import resolve_device
-    from cawbench.method import list_methods
+    from cawbench.method import list_methods, reference_method
 
     args.argv = _command_args(args)
     args.input_shape = parse_input(args.input)
@@ -526,7 +524,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     entries = parse_methods(args.methods, list_methods())
     # Plain backprop rows first: they are the references of the rows after them.
-    entries.sort(key=lambda e: not (e.method == REFERENCE and not e.overrides))
+    reference = reference_method()  # backprop
+    entries.sort(key=lambda e: not (e.method == reference and not e.overrides))
     device = resolve_device(args.device)
     print(f"bench on {describe_device(device)}: {', '.join(e.label for e in entries)}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -534,10 +533,10 @@ def run_bench(args: argparse.Namespace) -> int:
     for entry in entries:
         rows.append(_measure_entry(entry, args))
         key = rows[-1].get("model_key")
-        if entry.method == REFERENCE and not entry.overrides and key not in refs:
+        if entry.method == reference and not entry.overrides and key not in refs:
             refs[key] = rows[-1]
         elif not args.no_reference and key is not None and key not in refs:
-            ref = _measure_entry(Entry(f"{REFERENCE} (ref)", REFERENCE, {}), args, model=rows[-1]["model"])
+            ref = _measure_entry(Entry(f"{reference} (ref)", reference, {}), args, model=rows[-1]["model"])
             refs[key] = ref
             rows.append(ref)
         path = _finish(rows, refs, args, device)  # after every row: a cut-off run still leaves a report
@@ -589,7 +588,8 @@ def _command_args(args: argparse.Namespace) -> list[str]:
 
 def process_args(args: argparse.Namespace) -> list[str]:
     """The process options of the command (``cawbench --threads N --no-keep-cpu-memory bench ...``)."""
-    out = [f"--threads {args.threads}"] if getattr(args, "threads", None) is not None else []
+    threads = getattr(args, "process_threads", None)
+    out = [f"--threads {threads}"] if threads is not None else []
     return out + ([] if getattr(args, "keep_cpu_memory", True) else ["--no-keep-cpu-memory"])
 
 

@@ -156,16 +156,18 @@ def _add_list(sub: Any) -> None:
 def run_list(args: argparse.Namespace) -> int:
     from cawbench.archs import ARCHS
     from cawbench.data import DATASETS
-    from cawbench.method import METHODS, list_methods
+    from cawbench.method import METHODS, method_report_info, recipes_of, reference_method
     from cawbench.readouts import READOUTS
 
-    list_methods()
     if args.what in ("all", "methods"):
         print("methods:")
+        reference = reference_method()
         for name in METHODS.names():
-            cls = METHODS.get(name)
-            recipes = ", ".join(f"{r}[{'/'.join(sorted(t))}]" for r, t in cls.recipes.items()) or "-"
+            cls, info = METHODS.get(name), method_report_info(name)
+            recipes = ", ".join(f"{r}[{'/'.join(sorted(t))}]" for r, t in recipes_of(cls).items()) or "-"
             print(f"  {name:<15} {cls.description}\n  {'':<15} recipes: {recipes}")
+            twin = f"; BP twin: {reference} --recipe {info.twin}" if info.twin and not info.reference else ""
+            print(f"  {'':<15} reported as {info.label}{twin}")
     if args.what in ("all", "datasets"):
         print("datasets: " + ", ".join(DATASETS.names()))
     if args.what in ("all", "archs"):
@@ -220,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         "OMP_WAIT_POLICY=PASSIVE in the environment when other processes share the cores.",
     )
     parser.add_argument(
-        "--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core)"
+        "--threads",
+        type=int,
+        metavar="N",
+        dest="process_threads",  # `study run --threads` is its own per-worker option
+        help="torch intra-op threads (default: torch's, one per core)",
     )
     parser.add_argument(
         "--keep-cpu-memory",
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        configure_process(args.threads, args.keep_cpu_memory)
+        configure_process(args.process_threads, args.keep_cpu_memory)
         return int(func(args) or 0)
     except (*USER_ERRORS, ResumeError, TrainingDiverged) as exc:
         print(f"cawbench: error: {exc}", file=sys.stderr)

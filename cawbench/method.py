@@ -143,6 +143,23 @@ class Method:
     #: dotted-key overrides that make a seconds-long CPU run on the `synthetic` dataset (contract tests)
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.width": 0.1}
 
+    # -- how the method is compared and reported (read through :func:`method_report_info`)
+    #: the name reports show and paper tables use (matched ignoring case and punctuation); default: ``name``
+    label: ClassVar[str] = ""
+    #: further names paper tables use for it (e.g. "BP")
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: where its rows sort in reports and tables (smaller first)
+    report_order: ClassVar[int] = 50
+    #: its configurations sort after a study's own variants (the far end of a ladder, the reference)
+    report_last: ClassVar[bool] = False
+    #: the end-to-end reference every method is compared with (set by exactly one method: backprop)
+    reference: ClassVar[bool] = False
+    #: recipes this method brings for the reference method, i.e. its BP twins: recipe -> dataset ->
+    #: overrides of the reference's config (e.g. ``{"paper-ff": {...}}``); registered when it registers
+    twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    #: the reference method's recipe that trains this method's network end to end (its BP twin), if any
+    twin: ClassVar[str | None] = None
+
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         self.cfg = cfg
         self.params = cfg.params
@@ -173,32 +190,99 @@ class Method:
         """Hook after the epoch's updates, before evaluation."""
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+def _load_methods() -> None:
+    importlib.import_module("cawbench.methods")  # imports every module in methods/
+
+
+METHODS: Registry[type[Method]] = Registry("method", loader=_load_methods)
+#: recipe name -> (the method that declared it, its dataset table): recipes of the reference method that
+#: other methods bring (their BP twins), so the reference's file names no other method
+TWIN_RECIPES: Registry[tuple[str, dict[str, dict[str, Any]]]] = Registry("BP twin recipe")
 
 
 def register_method(name: str):
+    """Class decorator: register a :class:`Method` under ``name``, with the BP twin recipes it declares."""
+
     def decorate(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register_method({name!r}) must decorate a Method subclass")
         METHODS.add(name, cls)
         cls.name = name
+        for recipe, table in cls.twin_recipes.items():
+            TWIN_RECIPES.add(recipe, (name, table))
         return cls
 
     return decorate
 
 
-def _load_methods() -> None:
-    importlib.import_module("cawbench.methods")  # imports every module in methods/
+def unregister_method(name: str) -> None:
+    """Remove a method and the twin recipes it brought (test-only methods)."""
+    METHODS.remove(name)
+    for recipe in [r for r in TWIN_RECIPES.names() if TWIN_RECIPES.get(r)[0] == name]:
+        TWIN_RECIPES.remove(recipe)
 
 
 def get_method(name: str) -> type[Method]:
-    _load_methods()
     return METHODS.get(name)
 
 
 def list_methods(filter: str = "*") -> list[str]:
-    _load_methods()
     return METHODS.names(filter)
+
+
+def reference_method() -> str:
+    """The name of the end-to-end reference method (the one with ``reference = True``)."""
+    found = [n for n in METHODS.names() if METHODS.get(n).reference]
+    if len(found) != 1:
+        raise ConfigError(
+            f"exactly one method must be the reference (reference = True); found {found or 'none'}"
+        )
+    return found[0]
+
+
+def recipes_of(method: type[Method]) -> dict[str, dict[str, dict[str, Any]]]:
+    """A method's recipes: its own, and for the reference method also the BP twins other methods declare."""
+    table = dict(method.recipes)
+    if method.reference:
+        METHODS.names()  # every method file imported: their twins registered
+        for recipe in TWIN_RECIPES.names():
+            owner, twin = TWIN_RECIPES.get(recipe)
+            if recipe in table:
+                raise ConfigError(
+                    f"method {owner!r} declares BP twin recipe {recipe!r}, which {method.name!r} has"
+                )
+            table[recipe] = twin
+    return table
+
+
+@dataclass(frozen=True)
+class MethodReportInfo:
+    """How reports name, order and pair a method (see :class:`Method`'s attributes of the same meaning)."""
+
+    name: str
+    label: str  # e.g. "CAW-Conv": what reports show and paper tables call it
+    aliases: tuple[str, ...]  # further names in paper tables
+    order: int  # report order, smaller first
+    last: bool  # sorts after a study's own variants
+    reference: bool  # the end-to-end reference method
+    twin: str | None  # the reference's recipe that trains this method's network end to end
+    registered: bool  # False: not a registered method (old results); the rest are defaults
+
+    def names(self) -> tuple[str, ...]:
+        """Every name that denotes the method (name, label, aliases)."""
+        return (self.name, self.label, *self.aliases)
+
+
+def method_report_info(name: str) -> MethodReportInfo:
+    """Report metadata of method ``name``; a name that is not registered (a results row of a method since
+    removed) gets defaults: its name as label, sorted after every registered method, no twin."""
+    if name not in METHODS:
+        return MethodReportInfo(name, name, (), 10**6, False, False, None, False)
+    cls = METHODS.get(name)
+    return MethodReportInfo(
+        name, cls.label or name, tuple(cls.aliases), cls.report_order, cls.report_last, cls.reference,
+        cls.twin, True,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------- config resolution
@@ -212,10 +296,11 @@ def default_config_dict(method: type[Method]) -> dict[str, Any]:
 def recipe_overrides(method: type[Method], recipe: str, dataset: str) -> dict[str, Any]:
     if recipe == "default":
         return {}
-    if recipe not in method.recipes:
-        names = ", ".join(["default", *sorted(method.recipes)])
+    recipes = recipes_of(method)
+    if recipe not in recipes:
+        names = ", ".join(["default", *sorted(recipes)])
         raise ConfigError(f"method {method.name!r} has no recipe {recipe!r}; recipes: {names}")
-    table = method.recipes[recipe]
+    table = recipes[recipe]
     if dataset not in table:
         raise ConfigError(
             f"method {method.name!r} has no {recipe!r} recipe for dataset {dataset!r}; "

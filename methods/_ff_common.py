@@ -45,6 +45,16 @@ def goodness(h: torch.Tensor, kind: str) -> torch.Tensor:
     return squares.sum(1) if kind == "sum" else squares.mean(1)
 
 
+def mlp_twin(recipe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The BP twin of an FF-family recipe (a backprop recipe): its MLP, data split, batch size and epochs;
+    FF's length normalisation (RMS) before every layer; Adam 1e-3 (spec baselines.md §5)."""
+    kept = ("model.", "data.", "train.")
+    return {
+        ds: {**{k: v for k, v in over.items() if k.startswith(kept)}, "params.norm": "rms"}
+        for ds, over in recipe.items()
+    }
+
+
 def ff_threshold_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Tensor:
     """Hinton's per-layer loss: mean over pairs of softplus(θ − G⁺) + softplus(G⁻ − θ)."""
     return (F.softplus(theta - g_pos) + F.softplus(g_neg - theta)).mean()

@@ -96,6 +96,10 @@ DATASETS: dict[str, dict[str, Any]] = {
 class DeeperForward(ChannelwiseMethod):
     description = "DeeperForward (ICLR 2025): fixed channel groups, mean goodness, GroupNorm(K), CE, SIP"
     Config = DeeperForwardConfig
+    label = "DeeperForward"
+    report_order = 20
+    report_last = True  # the far end of the ablation ladder from CAW-Conv
+    twin = "paper"  # backprop's paper recipe: the same ResNet-17, data and budget
     defaults = defaults_from(OPTIM)
     recipes = {
         "paper": {name: {**OPTIM, "params.dropout": 0.2, **extra} for name, extra in DATASETS.items()},

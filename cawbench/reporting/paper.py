@@ -19,19 +19,22 @@ from typing import Any
 
 import pandas as pd
 
+from cawbench.method import list_methods, method_report_info
 from cawbench.reporting.aggregate import MISSING, aggregate, format_cell, format_number
 from cawbench.reporting.source import best_configs
 
-PAPER_METHODS = {  # normalised paper name -> registered method
-    "cawconv": "caw_conv",
-    "deeperforward": "deeperforward",
-    "cwcomp": "cwcomp",
-    "cafo": "cafo",
-    "symba": "symba",
-    "ff": "ff",
-    "backprop": "backprop",
-    "bp": "backprop",
-}
+
+def method_of_paper_name(text: Any) -> str | None:
+    """The registered method a paper table's method name denotes: its name, its report label or an alias
+    (``Method.label``/``aliases``: ``CAW-Conv`` = ``caw_conv``, ``BP`` = ``backprop``), ignoring case and
+    punctuation."""
+    wanted = _norm(text)
+    for name in list_methods():
+        if wanted in {_norm(n) for n in method_report_info(name).names()}:
+            return name
+    return None
+
+
 ACCURACY_COLUMNS = {
     "final_test_acc": "final-epoch test (choices on validation)",
     "max_test_acc": "best-epoch test (max over epochs)",
@@ -66,7 +69,7 @@ def matching_runs(rows: pd.DataFrame, paper_row: pd.Series, reference: str | Non
     """Our runs for one paper row: same method and dataset, CHx3 or not; then, each step only where it
     leaves some runs: the study variant named for that row, the reference/method-named variant, the
     paper's width (1, or 3 for CHx3) at the default depth."""
-    method = _text(paper_row.get("method_key")) or PAPER_METHODS.get(_norm(paper_row["method"]))
+    method = _text(paper_row.get("method_key")) or method_of_paper_name(paper_row["method"])
     dataset = _norm(_text(paper_row.get("dataset_key")) or paper_row["dataset"])
     if method is None or rows.empty:
         return rows.iloc[0:0]

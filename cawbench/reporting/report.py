@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cawbench.method import method_report_info
 from cawbench.reporting import figures
 from cawbench.reporting.aggregate import (
     MISSING,
@@ -655,7 +656,9 @@ class _Builder:
         self.table("cost", display.reset_index(drop=True), table.reset_index(drop=True))
 
     def _backprop_labels(self) -> set[str]:
-        return set(self.rows.loc[self.rows["method"] == "backprop", "label"])
+        """Labels of the reference method's configurations (``Method.reference``: backprop)."""
+        is_reference = self.rows["method"].map(lambda m: method_report_info(str(m)).reference)
+        return set(self.rows.loc[is_reference.astype(bool), "label"])
 
     def runs(self) -> None:
         self.heading("Runs")

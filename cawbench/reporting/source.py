@@ -26,10 +26,8 @@ import numpy as np
 import pandas as pd
 
 from cawbench.config import ConfigError
+from cawbench.method import method_report_info
 from cawbench.results import read_results
-
-METHOD_ORDER = ("caw_conv", "deeperforward", "cwcomp", "cafo", "symba", "ff", "backprop")
-REFERENCE_METHODS_LAST = ("deeperforward", "backprop")  # the ablation ladder's far end, then BP
 
 
 class NoFinishedTrials(ConfigError):
@@ -294,21 +292,21 @@ def read_artifacts(run_path: Path | None) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ ordering
 def label_order(rows: pd.DataFrame, spec: Any = None) -> list[str]:
-    """The reference first, then the spec's variants (or methods in the suite's order), DeeperForward
-    configurations next to last and backprop last, as ablation tables are read."""
+    """The reference first, then the spec's variants (or methods in their declared report order), the
+    configurations of methods that sort last (``Method.report_last``: DeeperForward, the ablation ladder's
+    far end, then backprop) after them, as ablation tables are read."""
     labels = list(dict.fromkeys(rows["label"])) if "label" in rows.columns else []
     method_of = rows.groupby("label")["method"].first().to_dict() if labels else {}
     declared = list(getattr(spec, "variants", {}) or {})
 
-    def rank(label: str) -> tuple[int, int, str]:
-        method = method_of.get(label, "")
-        tail = REFERENCE_METHODS_LAST.index(method) + 1 if method in REFERENCE_METHODS_LAST else 0
+    def rank(label: str) -> tuple[int, int, float, str]:
+        info = method_report_info(str(method_of.get(label, "")))
+        tail = (1, info.order) if info.last else (0, 0)
         if spec is not None and getattr(spec, "reference", None) == label:
-            return (-1, 0, label)
+            return (-1, 0, 0, label)
         if label in declared:
-            return (tail, declared.index(label), label)
-        order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-        return (tail, len(declared) + order, label)
+            return (*tail, declared.index(label), label)
+        return (*tail, len(declared) + info.order, label)
 
     return sorted(labels, key=rank)
 
