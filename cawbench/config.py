@@ -25,10 +25,32 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ sections
+ENGINE_ONLY = "engine_only"  # field metadata key: the field never changes a run's numbers
+
+
+def engine_only(default: Any) -> Any:
+    """A config field that leaves the maths alone (an execution mode with the sequential updates, a time
+    limit, where files go, progress display): :meth:`RunConfig.config_hash` leaves it out, so switching it
+    keeps a run's hash (and its checkpoint resumable). Methods' ``Config`` fields may use it too."""
+    return field(default=default, metadata={ENGINE_ONLY: True})
+
+
+def hashed_fields(obj: Any) -> Any:
+    """``to_plain(obj)`` without the fields marked :func:`engine_only`, at any depth."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: hashed_fields(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get(ENGINE_ONLY)
+        }
+    return to_plain(obj)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "fashion-mnist"
-    data_dir: str | None = None  # None: $CAWBENCH_DATA, then known system locations, then download
+    # None: $CAWBENCH_DATA, then known system locations, then download
+    data_dir: str | None = engine_only(None)
     val_size: float | None = (
         None  # images held out of train for selection; <1 means a fraction; None: default
     )
@@ -124,10 +146,11 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile each unit
     parallel: str = "off"  # off | pipeline | streams (layer-parallel modes, same maths as sequential)
-    pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
-    cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
-    fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
-    time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
+    pipeline_threads: int = engine_only(1)  # CPU pipeline: >1 = that many single-threaded workers over groups
+    cuda_graph: bool = engine_only(False)  # CUDA only: capture the whole training step once per epoch, replay
+    fused_optimizer: bool = engine_only(True)  # fused Adam/AdamW/SGD kernels where torch has them (CPU too)
+    # stop after the epoch that would overrun this; the row is marked truncated (and can be resumed)
+    time_limit_s: float | None = engine_only(None)
     # Drive every epoch-indexed schedule (LR, temperature decay, ortho warm-up, CwComp's layer windows) by
     # training progress mapped onto the reference horizon, updated every step: a 3-epoch run passes through
     # the phases of the 150-epoch recipe. Off: the released per-epoch schedules over this run's epochs.
@@ -136,8 +159,8 @@ class TrainConfig:
         None  # reference horizon; None: the recipe's train.epochs, else train.epochs
     )
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
-    checkpoint: bool = True
-    progress: bool = True
+    checkpoint: bool = engine_only(True)
+    progress: bool = engine_only(True)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -177,23 +200,16 @@ class RunConfig:
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     params: Any = field(default_factory=EmptyParams)  # the method's own frozen dataclass
-    out_dir: str = "runs"
-    run_name: str | None = None
+    out_dir: str = engine_only("runs")
+    run_name: str | None = engine_only(None)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
     def config_hash(self) -> str:
-        """Hash of everything that can change the numbers (not where files go or how progress shows)."""
-        d = self.to_dict()
-        for key in ("out_dir", "run_name"):
-            d.pop(key, None)
-        d["data"].pop("data_dir", None)
-        d["train"].pop("progress", None)
-        d["train"].pop("checkpoint", None)
-        # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
-        for key in ("cuda_graph", "fused_optimizer", "time_limit_s", "pipeline_threads"):
-            d["train"].pop(key, None)
+        """Hash of everything that can change the numbers: every field but those marked :func:`engine_only`
+        (how the run executes, where it writes, how progress shows)."""
+        d = hashed_fields(self)
         for section, retired in RETIRED_HASHED.items():
             d[section].update(retired)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
