@@ -402,6 +402,21 @@ def test_quasi_random_plan_is_seeded_in_bounds_and_extends_its_prefix():
     assert spec.plan("cpu", n_trials=16)[:16] == plan  # growing the budget keeps the points run so far
 
 
+def test_a_scale_runs_its_named_variant_subset_in_spec_order():
+    variants = {"a": {}, "b": {"optim.lr": 0.02}, "c": {"optim.lr": 0.03}}
+    spec = digits_spec("sub", variants=variants)
+    spec["scales"]["cpu"]["variant_subset"] = ["c", "a"]
+    spec = parse_spec(spec)
+    assert spec.variants_for("cpu") == ["a", "c"] and spec.variants_for("paper") == ["a", "b", "c"]
+    assert [(i.params["variant"], i.seed) for i in spec.plan("cpu")] == [
+        ("a", 0),
+        ("a", 1),
+        ("c", 0),
+        ("c", 1),
+    ]
+    assert len(spec.plan("paper")) == 6
+
+
 def lr_dim(low: float, high: float, **extra: Any) -> dict[str, Any]:
     return {"type": "float", "low": low, "high": high, **extra}
 
@@ -428,6 +443,8 @@ BAD_SPECS = [
     ({**TPE, "n_trials": None, **lr_space()}, "needs n_trials"),
     ({"seeds": [0, 0]}, "contain duplicates"),
     ({"scales": {"cpu": {"variants": {"nope": {}}}}}, "unknown variant 'nope'"),
+    ({"variants": {"a": {}}, "scales": {"cpu": {"variant_subset": ["b"]}}}, "unknown variant 'b'"),
+    ({"variants": {"a": {}}, "scales": {"cpu": {"variant_subset": []}}}, "variant_subset must be a non-empty"),
     ({"variants": {"a": {}}, "pruner": {"name": "median"}}, "pruning would leave holes"),
 ]  # fmt: skip
 

@@ -409,7 +409,7 @@ def _slug(text: str, limit: int = 80) -> str:
 def trial_config(ctx: StudyContext, trial: optuna.Trial):
     """Suggest (or read the fixed) parameters, name the configuration and seed, and resolve the config."""
     spec = ctx.spec
-    variant = trial.suggest_categorical("variant", spec.variant_names) if spec.variants else None
+    variant = trial.suggest_categorical("variant", spec.variants_for(ctx.scale)) if spec.variants else None
     sampled = {d.key: d.suggest(trial) for d in spec.search_space}
     attrs = trial.user_attrs
     if "plan_key" not in attrs:  # a configuration just drawn by the sampler: its first seed

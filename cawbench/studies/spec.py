@@ -11,6 +11,7 @@ Schema (top-level keys; anything else is an error naming the key)::
         train.epochs: 2
         seeds: [0]
         variants: {cwcomp: {model.width: 0.5}}   # applied after the variant's own overrides
+        variant_subset: [caw_conv, cwcomp]       # optional: only these variants run at this scale
       paper: {}
     default_scale: cpu                 # optional (default: cpu if present, else the first scale)
     variants:                          # optional: named config overrides, a categorical axis "variant"
@@ -75,7 +76,7 @@ TOP_LEVEL_KEYS = (
     "name", "description", "base", "scales", "default_scale", "variants", "search_space", "reference",
     "seeds", "objective", "sampler", "pruner", "n_trials",
 )  # fmt: skip
-SCALE_STUDY_KEYS = ("n_trials", "seeds", "variants")  # study keys a scale may override; the rest is config
+SCALE_STUDY_KEYS = ("n_trials", "seeds", "variants", "variant_subset")  # study keys; the rest is config
 RUNNER_OWNED_KEYS = ("train.seed", "out_dir", "run_name")  # set per trial by the runner
 OBJECTIVE_METRICS = ("final_val_acc", "best_val_acc")  # validation accuracy (%); selection never sees test
 SAMPLERS = ("grid", "tpe", "random", "qmc")
@@ -272,12 +273,18 @@ class StudySpec:
     def variant_names(self) -> list[str]:
         return list(self.variants)
 
+    def variants_for(self, scale: str | None = None) -> list[str]:
+        """The variants that run at this scale: the scale's ``variant_subset``, else all, in spec order."""
+        subset = self.scale_study[self.check_scale(scale)].get("variant_subset")
+        return [v for v in self.variants if subset is None or v in subset]
+
     def fingerprint(self, scale: str | None = None) -> str:
         """Hash of what makes this study's trials comparable (not the budget, not the prose)."""
         scale = self.check_scale(scale)
         blob = {
             "base": self.base, "scale": self.scales[scale], "variants": self.variants,
             "scale_variants": self.scale_study[scale].get("variants", {}),
+            "variant_subset": self.scale_study[scale].get("variant_subset"),
             "search_space": [d.__dict__ for d in self.search_space], "seeds": self.seeds_for(scale),
             "objective": [self.objective_metric, self.direction], "sampler": self.sampler,
             "pruner": self.pruner,
@@ -335,8 +342,8 @@ class StudySpec:
         """Every (configuration, seed) of a planned (grid/qmc) study, in a stable order."""
         scale = self.check_scale(scale)
         seeds = self.seeds_for(scale)
-        configs = self._grid_configs() if self.sampler_name == "grid" else self._qmc_configs(
-            n_trials or self.n_trials_for(scale)
+        configs = self._grid_configs(scale) if self.sampler_name == "grid" else self._qmc_configs(
+            scale, n_trials or self.n_trials_for(scale)
         )  # fmt: skip
         return [
             PlanItem(config_id, params, seed, i)
@@ -344,10 +351,10 @@ class StudySpec:
             for i, seed in enumerate(seeds)
         ]
 
-    def _grid_configs(self) -> list[tuple[str, dict[str, Any]]]:
+    def _grid_configs(self, scale: str) -> list[tuple[str, dict[str, Any]]]:
         axes: list[tuple[str, list[Any]]] = []
         if self.variants:
-            axes.append(("variant", self.variant_names))
+            axes.append(("variant", self.variants_for(scale)))
         axes.extend((d.key, d.grid_values()) for d in self.search_space)
         out = []
         for values in itertools.product(*(v for _, v in axes)):
@@ -355,7 +362,7 @@ class StudySpec:
             out.append((config_id_of(params, self.variants), params))
         return out
 
-    def _qmc_configs(self, n: int | None) -> list[tuple[str, dict[str, Any]]]:
+    def _qmc_configs(self, scale: str, n: int | None) -> list[tuple[str, dict[str, Any]]]:
         if not n:
             raise ConfigError(f"study {self.name!r}: the qmc sampler needs n_trials (points to draw)")
         from scipy.stats import qmc
@@ -376,7 +383,7 @@ class StudySpec:
         for i, u in enumerate(points):
             params: dict[str, Any] = {}
             if with_variant:
-                names = self.variant_names
+                names = self.variants_for(scale)
                 params["variant"] = names[min(int(u[-1] * len(names)), len(names) - 1)]
             for dim, ui in zip(dims, u, strict=False):
                 params[dim.key] = dim.from_unit(float(ui))
@@ -503,7 +510,12 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
             variants[vname] = _variant_overrides(vname, overrides, variants)
 
     for scale, part in scale_study.items():
-        unknown = [v for v in part.get("variants", {}) if v not in variants]
+        subset = part.get("variant_subset")
+        if subset is not None:
+            if not isinstance(subset, list) or not subset:
+                raise ConfigError(f"scales.{scale}.variant_subset must be a non-empty list of variant names")
+            part["variant_subset"] = [str(v) for v in subset]
+        unknown = [v for v in [*part.get("variants", {}), *(subset or [])] if v not in variants]
         if unknown:
             valid = ", ".join(variants) or "(the spec has no variants)"
             raise ConfigError(
@@ -594,9 +606,9 @@ def _check_budget(spec: StudySpec) -> None:
             if n is not None:
                 raise ConfigError(
                     f"n_trials={n} (scale {scale!r}) cannot be set for a grid: the grid is the budget "
-                    f"({len(spec._grid_configs())} configurations x {len(spec.seeds_for(scale))} seeds)"
+                    f"({len(spec._grid_configs(scale))} configurations x {len(spec.seeds_for(scale))} seeds)"
                 )
-            spec._grid_configs()  # every dimension must be enumerable
+            spec._grid_configs(scale)  # every dimension must be enumerable
         elif n is None:
             raise ConfigError(
                 f"sampler {spec.sampler_name!r} needs n_trials (configurations to draw) for scale {scale!r}"
