@@ -246,7 +246,7 @@ def bench_config(entry: Entry, args: argparse.Namespace, model: dict[str, Any] |
 
 def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Every figure for one configuration (see the module docstring for definitions)."""
-    from cawbench.engine import StepStats, Trainer, resolve_device
+    from cawbench.engine import Trainer, resolve_device
 
     device = resolve_device(cfg.train.device)
     data = random_data(args.input_shape, args.classes, args.batch * args.steps,
@@ -293,21 +293,20 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     batches = trainer._batches("train", 0, train=True)
     x, y = next(batches)
     meter = SavedTensorMeter(parameter_storages(trainer.net))
-    ctx = trainer.schedule_point(0, 0)
-    trainer.step(x, y, ctx, StepStats(len(trainer.units), device), hook=meter.hook)
+    trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()), hook=meter.hook)
     per_unit = meter.unit_bytes()
     row["saved_max_mb"] = max(per_unit, default=0) / 2**20
     row["saved_sum_mb"] = sum(per_unit) / 2**20
     reads = HostReadCounter()
     with reads:
-        trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+        trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
     row["host_reads_per_step"] = reads.count
     from torch.utils.flop_counter import FlopCounterMode
 
     with _force_eager():
         counter = FlopCounterMode(display=False)
         with counter:
-            trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+            trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
         row["train_gflop_per_img"] = counter.get_total_flops() / x.shape[0] / 1e9
         xe, _ = next(trainer._batches("test", 0, train=False))
         trainer.net.eval()
@@ -435,9 +434,9 @@ def write_reports(rows: list[dict[str, Any]], args: argparse.Namespace, device: 
 
 
 def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> str:
-    from cawbench.engine import _versions
+    from cawbench.engine import software_versions
 
-    versions = _versions()
+    versions = software_versions()
     cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
     lines = [
         f"# Cost of each method on {describe_device(device)}",

@@ -121,9 +121,9 @@ def write_markdown(
     """Append one block: the command, date, hardware and versions, then the printed result (``title``
     starts a new file; ``fenced=False`` for lines that are markdown already; ``notes``: more header lines)."""
     from cawbench.bench import describe_device
-    from cawbench.engine import _versions
+    from cawbench.engine import software_versions
 
-    v = _versions()
+    v = software_versions()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     header = [
         f"- command: `{command}`",

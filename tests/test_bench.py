@@ -19,8 +19,8 @@ from cawbench.bench import (
 )
 from cawbench.cli import main
 from cawbench.config import ConfigError, OptimConfig
-from cawbench.engine import BatchStep, StepStats, UnitState, make_optimizer
-from cawbench.method import LocalNetwork, LocalUnit, StepContext, UnitOutput
+from cawbench.engine import BatchStep, StepState, StepStats, UnitState, make_optimizer
+from cawbench.method import LocalNetwork, LocalUnit, UnitOutput
 
 
 class LinearReLU(LocalUnit):
@@ -49,7 +49,7 @@ def test_saved_bytes_of_a_two_unit_network_match_a_hand_count():
     step = BatchStep(method, net, states, torch.device("cpu"), bf16=False)
     meter = SavedTensorMeter(parameter_storages(net))
     x, y = torch.randn(batch, 3), torch.zeros(batch, dtype=torch.long)
-    step(x, y, StepContext(0, 1, 0), StepStats(2, torch.device("cpu")), hook=meter.hook)
+    step(x, y, StepState(0, 1, 0, stats=StepStats(2, torch.device("cpu"))), hook=meter.hook)
     # Hand count, float32 = 4 bytes: unit 0 keeps x [4,3] and h [4,5]; unit 1 keeps its input [4,5] and h [4,2].
     assert meter.unit_bytes() == [4 * batch * (3 + 5), 4 * batch * (5 + 2)]  # [128, 112]
 

@@ -11,7 +11,7 @@ import torch
 from cawbench.bench import HostReadCounter
 from cawbench.config import DataConfig
 from cawbench.data import BatchTransform, Split, iterate_batches
-from cawbench.engine import StepStats, Trainer
+from cawbench.engine import Trainer
 from cawbench.method import list_methods
 from cawbench.seeding import epoch_generator
 
@@ -55,7 +55,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(method, tiny_config):
         unit.on_epoch_start(0)
     for step in range(2):  # the second step too: optimiser state exists by then
         with HostReadCounter() as reads:
-            trainer.step(x, y, trainer.schedule_point(0, step), StepStats(len(trainer.units), trainer.device))
+            trainer.step(x, y, trainer.step_state(0, step, trainer.new_stats()))
         assert reads.count == 0, (step, sorted(reads.names))
 
 
