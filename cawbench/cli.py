@@ -166,7 +166,7 @@ def run_list(args: argparse.Namespace) -> int:
             cls, info = METHODS.get(name), method_report_info(name)
             recipes = ", ".join(f"{r}[{'/'.join(sorted(t))}]" for r, t in recipes_of(cls).items()) or "-"
             print(f"  {name:<15} {cls.description}\n  {'':<15} recipes: {recipes}")
-            twin = f"; BP twin: {reference} --recipe {info.twin}" if info.twin and not info.reference else ""
+            twin = f"; BP twin: {reference} --recipe {info.bp_twin}" if info.bp_twin else ""
             print(f"  {'':<15} reported as {info.label}{twin}")
     if args.what in ("all", "datasets"):
         print("datasets: " + ", ".join(DATASETS.names()))

@@ -144,21 +144,21 @@ class Method:
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.width": 0.1}
 
     # -- how the method is compared and reported (read through :func:`method_report_info`)
-    #: the name reports show and paper tables use (matched ignoring case and punctuation); default: ``name``
-    label: ClassVar[str] = ""
-    #: further names paper tables use for it (e.g. "BP")
-    aliases: ClassVar[tuple[str, ...]] = ()
-    #: where its rows sort in reports and tables (smaller first)
-    report_order: ClassVar[int] = 50
-    #: its configurations sort after a study's own variants (the far end of a ladder, the reference)
-    report_last: ClassVar[bool] = False
-    #: the end-to-end reference every method is compared with (set by exactly one method: backprop)
-    reference: ClassVar[bool] = False
-    #: recipes this method brings for the reference method, i.e. its BP twins: recipe -> dataset ->
-    #: overrides of the reference's config (e.g. ``{"paper-ff": {...}}``); registered when it registers
-    twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
-    #: the reference method's recipe that trains this method's network end to end (its BP twin), if any
-    twin: ClassVar[str | None] = None
+    #: the name reports show (default: the registered name)
+    report_label: ClassVar[str | None] = None
+    #: its place in tables, smaller first; from TAIL_ORDER on its configurations come after a study's own
+    #: variants (DeeperForward, the far end of the ablation ladder; the backprop reference)
+    report_order: ClassVar[int] = 500
+    #: how paper tables (``studies/paper_results.csv``) name it, matched ignoring case and punctuation
+    #: (default: its label)
+    paper_names: ClassVar[tuple[str, ...]] = ()
+    #: the end-to-end backprop reference every other method is compared with (exactly one method)
+    end_to_end: ClassVar[bool] = False
+    #: the reference's recipe that trains this method's network end to end (its BP twin), if any
+    bp_twin: ClassVar[str | None] = None
+    #: recipes this method brings for the reference: its BP twins, recipe -> dataset -> overrides of the
+    #: reference's config (e.g. ``{"paper-ff": {...}}``); they join the reference's recipes on registration
+    bp_twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         self.cfg = cfg
@@ -208,7 +208,7 @@ def register_method(name: str):
             raise TypeError(f"@register_method({name!r}) must decorate a Method subclass")
         METHODS.add(name, cls)
         cls.name = name
-        for recipe, table in cls.twin_recipes.items():
+        for recipe, table in cls.bp_twin_recipes.items():
             TWIN_RECIPES.add(recipe, (name, table))
         return cls
 
@@ -231,11 +231,11 @@ def list_methods(filter: str = "*") -> list[str]:
 
 
 def reference_method() -> str:
-    """The name of the end-to-end reference method (the one with ``reference = True``)."""
-    found = [n for n in METHODS.names() if METHODS.get(n).reference]
+    """The name of the end-to-end reference method (the one with ``end_to_end = True``: backprop)."""
+    found = [n for n in METHODS.names() if METHODS.get(n).end_to_end]
     if len(found) != 1:
         raise ConfigError(
-            f"exactly one method must be the reference (reference = True); found {found or 'none'}"
+            f"exactly one method must be the reference (end_to_end = True); found {found or 'none'}"
         )
     return found[0]
 
@@ -243,7 +243,7 @@ def reference_method() -> str:
 def recipes_of(method: type[Method]) -> dict[str, dict[str, dict[str, Any]]]:
     """A method's recipes: its own, and for the reference method also the BP twins other methods declare."""
     table = dict(method.recipes)
-    if method.reference:
+    if method.end_to_end:
         METHODS.names()  # every method file imported: their twins registered
         for recipe in TWIN_RECIPES.names():
             owner, twin = TWIN_RECIPES.get(recipe)
@@ -255,34 +255,34 @@ def recipes_of(method: type[Method]) -> dict[str, dict[str, dict[str, Any]]]:
     return table
 
 
+#: report orders from this on sort after a study's own variants (ladder end, the reference)
+TAIL_ORDER = 900
+#: the order of a method that is not registered here (rows from another version of the suite)
+UNKNOWN_ORDER = 500
+
+
 @dataclass(frozen=True)
 class MethodReportInfo:
-    """How reports name, order and pair a method (see :class:`Method`'s attributes of the same meaning)."""
+    """How reports name, order and pair a method (the :class:`Method` attributes of the same meaning)."""
 
-    name: str
-    label: str  # e.g. "CAW-Conv": what reports show and paper tables call it
-    aliases: tuple[str, ...]  # further names in paper tables
-    order: int  # report order, smaller first
-    last: bool  # sorts after a study's own variants
-    reference: bool  # the end-to-end reference method
-    twin: str | None  # the reference's recipe that trains this method's network end to end
-    registered: bool  # False: not a registered method (old results); the rest are defaults
-
-    def names(self) -> tuple[str, ...]:
-        """Every name that denotes the method (name, label, aliases)."""
-        return (self.name, self.label, *self.aliases)
+    name: str  # the registered name
+    label: str  # display name, e.g. "CAW-Conv"
+    order: int  # position in tables (lower first); >= TAIL_ORDER: after every other configuration
+    bp_twin: str | None  # the reference's recipe that trains the same network; None for the reference
+    paper_names: tuple[str, ...] = ()  # names of the method in paper_results.csv
+    end_to_end: bool = False  # the backprop reference itself (the twin of the others)
 
 
 def method_report_info(name: str) -> MethodReportInfo:
-    """Report metadata of method ``name``; a name that is not registered (a results row of a method since
-    removed) gets defaults: its name as label, sorted after every registered method, no twin."""
+    """The report metadata of method ``name``, from its class. A name that is not registered (rows from
+    another version of the suite) gets its name as label and a middle position."""
     if name not in METHODS:
-        return MethodReportInfo(name, name, (), 10**6, False, False, None, False)
+        return MethodReportInfo(name, name, UNKNOWN_ORDER, None, (), False)
     cls = METHODS.get(name)
+    label = cls.report_label or name
     return MethodReportInfo(
-        name, cls.label or name, tuple(cls.aliases), cls.report_order, cls.report_last, cls.reference,
-        cls.twin, True,
-    )  # fmt: skip
+        name, label, int(cls.report_order), cls.bp_twin, tuple(cls.paper_names) or (label,), cls.end_to_end
+    )
 
 
 # --------------------------------------------------------------------------------- config resolution

@@ -8,7 +8,7 @@ Recipe convention (spec baselines.md §5): Adam 1e-3, the twin method's batch si
 ``params.norm=rms`` (or ``l2``) replaces the per-layer BN by FF's length normalisation of each layer's
 input (no centring), for the BP twins of FF and SymBa; ``params.head_input=flatten`` (a linear head on the
 flattened last feature map instead of global average pooling), for those of CaFo and CwComp. Each method
-declares its own BP twin recipe (``twin_recipes`` in its file: ``paper-ff``, ``paper-symba``,
+declares its own BP twin recipe (``bp_twin_recipes`` in its file: ``paper-ff``, ``paper-symba``,
 ``paper-cafo``, ``paper-cwcomp``); they are recipes of this method, listed by ``cawbench list``.
 """
 
@@ -81,17 +81,15 @@ class EndToEndUnit(LocalUnit):
 @register_method("backprop")
 class Backprop(Method):
     description = "end-to-end backprop reference on the same architecture (+ GAP and a linear CE head)"
-    label = "Backprop"
-    aliases = ("BP",)
-    report_order = 100
-    report_last = True
-    reference = True
-    twin = "paper"  # its own paper recipe: the reference of the ResNet-17 methods
+    report_label = "Backprop"
+    paper_names = ("Backprop", "BP")
+    report_order = 1000  # after every other configuration
+    end_to_end = True  # the reference every other method is compared with
     Config = BackpropConfig
     defaults = {"optim.name": "adam", "optim.lr": 1e-3, "readout.name": "last"}
     # The ResNet-17 twin of CAW-Conv and DeeperForward: same data, batch, epochs and resize; Adam 1e-3
     # (baselines.md §5). The other methods' BP twins (paper-ff, paper-symba, paper-cafo, paper-cwcomp) are
-    # declared by those methods' files (``twin_recipes``) and join these recipes when they register.
+    # declared by those methods' files (``bp_twin_recipes``) and join these recipes when they register.
     recipes = {
         "paper": {
             ds: {

@@ -450,10 +450,10 @@ class CaFo(Method):
         "CaFo (Zhao et al. 2023): frozen random (or DFA-trained) conv blocks, one bias-free linear "
         "predictor per block (CE / closed-form MSE / sparsemax), sum of block probabilities"
     )
-    label = "CaFo"
+    report_label = "CaFo"
     report_order = 40
-    twin_recipes = {"paper-cafo": _BP_TWIN}
-    twin = "paper-cafo"
+    bp_twin_recipes = {"paper-cafo": _BP_TWIN}
+    bp_twin = "paper-cafo"
     Config = CaFoConfig
     defaults = {
         "model.arch": "cafo_cnn",

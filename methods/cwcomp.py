@@ -333,10 +333,10 @@ class CwComp(Method):
         "CwComp (AAAI 2024): CFSE CNN, channel-group goodness with the CwC cross-entropy, interleaved "
         "layer training; GA and softmax-head readouts"
     )
-    label = "CwComp"
+    report_label = "CwComp"
     report_order = 30
-    twin_recipes = {"paper-cwcomp": _BP_TWIN}
-    twin = "paper-cwcomp"
+    bp_twin_recipes = {"paper-cwcomp": _BP_TWIN}
+    bp_twin = "paper-cwcomp"
     Config = CwCompConfig
     defaults = {
         "model.arch": "cwcomp_cnn",

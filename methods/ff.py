@@ -90,10 +90,10 @@ class ForwardForward(FFFamilyMethod):
     Config: ClassVar[type] = FFConfig
     defaults: ClassVar[dict[str, Any]] = {**FFFamilyMethod.defaults, "optim.lr": 1e-3}
     recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper": FF_PAPER}
-    label = "FF"
+    report_label = "FF"
     report_order = 60
-    twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper-ff": mlp_twin(FF_PAPER)}
-    twin = "paper-ff"
+    bp_twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper-ff": mlp_twin(FF_PAPER)}
+    bp_twin = "paper-ff"
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.hidden": (32, 32), "train.batch_size": 64}
 
     def pair_loss(self, g_pos: torch.Tensor, g_neg: torch.Tensor, width: int) -> dict[str, torch.Tensor]:

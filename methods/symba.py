@@ -93,10 +93,10 @@ class SymBa(FFFamilyMethod):
     Config: ClassVar[type] = SymBaConfig
     defaults: ClassVar[dict[str, Any]] = {**FFFamilyMethod.defaults, "optim.lr": 1e-3}
     recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper": SYMBA_PAPER}
-    label = "SymBa"
+    report_label = "SymBa"
     report_order = 50
-    twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper-symba": mlp_twin(SYMBA_PAPER)}
-    twin = "paper-symba"
+    bp_twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper-symba": mlp_twin(SYMBA_PAPER)}
+    bp_twin = "paper-symba"
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.hidden": (32, 32), "train.batch_size": 64}
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:

@@ -49,12 +49,12 @@ class ProbeLayer(LocalUnit):
 @register_method("throwaway")
 class Throwaway(Method):
     description = "test-only: per-layer linear probes on its own MLP plan"
-    label = "Throw-Away"
+    report_label = "Throw-Away"
     report_order = 15  # between CAW-Conv (10) and DeeperForward (20)
     defaults = {"model.arch": "throwaway_mlp", "optim.lr": 0.01}
     recipes = {"paper": {"digits": {"train.epochs": 1}}}
-    twin_recipes = {"paper-throwaway": {"digits": {"model.arch": "throwaway_mlp", "train.epochs": 1}}}
-    twin = "paper-throwaway"
+    bp_twin_recipes = {"paper-throwaway": {"digits": {"model.arch": "throwaway_mlp", "train.epochs": 1}}}
+    bp_twin = "paper-throwaway"
 
     def build(self):
         plan = build_plan(self.cfg.model, self.info)
@@ -104,7 +104,12 @@ def test_a_one_file_method_is_listed_with_its_plan_and_twin(throwaway, capsys):
     assert main(["list", "archs"]) == 0
     assert "throwaway_mlp" in capsys.readouterr().out
     info = method_report_info(throwaway)
-    assert (info.label, info.order, info.twin, info.reference) == ("Throw-Away", 15, "paper-throwaway", False)
+    assert (info.label, info.order, info.bp_twin, info.end_to_end) == (
+        "Throw-Away",
+        15,
+        "paper-throwaway",
+        False,
+    )
     assert "paper-throwaway" in recipes_of(get_method("backprop"))
 
 
@@ -118,7 +123,7 @@ def test_a_one_file_method_runs_in_a_study_and_its_report(throwaway, tmp_path, c
     report = tmp_path / "report"
     assert main(["report", str(spec), "--out-dir", str(out_dir), "--out", str(report)]) == 0
     capsys.readouterr()
-    # declared order, but the reference method's configurations last (backprop: Method.report_last)
+    # declared order, but the reference method's configurations last (backprop's report_order >= TAIL_ORDER)
     assert result_rows(report) == ["ff", "throwaway", "bp_twin"]
     markdown = (report / "README.md").read_text()
     twin = [line for line in markdown.splitlines() if line.startswith("| bp_twin | backprop |")]

@@ -499,6 +499,7 @@ def test_a_variant_extends_one_declared_before_it_and_chains():
     assert spec.variants["b"] == {"optim.lr": 0.2, "train.batch_size": 32}
     assert spec.variants["c"] == {"optim.lr": 0.2, "train.batch_size": 32, "model.hidden": [16]}
     assert spec.resolve("cpu", "c", {}, seed=0).model.hidden == (16,)
+    assert spec.extends == {"b": "a", "c": "b"}  # the ladder, for reports (each rung's predecessor)
     with pytest.raises(ConfigError, match=r"variants.a.extends='b': a variant extends one declared before it; "
                                           r"declared before: \(none: it is the first variant\)"):  # fmt: skip
         parse_spec(digits_spec("ext", variants={"a": {"extends": "b"}, "b": {}}))

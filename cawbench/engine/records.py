@@ -20,6 +20,7 @@ from cawbench.data import PreparedData
 from cawbench.engine.devices import device_name
 from cawbench.engine.step import StepStats
 from cawbench.method import LocalNetwork
+from cawbench.provenance import provenance
 from cawbench.results import atomic_write_bytes
 
 
@@ -116,6 +117,7 @@ def result_row(
         "device": device_name(device),
         "precision": "bf16" if bf16 else "fp32",
         "versions": software_versions(),
+        **provenance(),  # git_commit, git_dirty, machine
         "run_dir": str(run_dir),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

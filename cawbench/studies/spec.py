@@ -244,6 +244,8 @@ class StudySpec:
     n_trials: int | None
     path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: variant -> the variant it ``extends:`` (already folded into ``variants``; reports read the ladder)
+    extends: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- per scale
     def check_scale(self, scale: str | None) -> str:
@@ -500,6 +502,7 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         raise ConfigError(f"default_scale {default_scale!r} is not one of the scales: {', '.join(scales)}")
 
     variants: dict[str, dict[str, Any]] = {}
+    extends: dict[str, str] = {}
     if "variants" in data:
         raw_variants = data["variants"]
         if not isinstance(raw_variants, dict) or not raw_variants:
@@ -508,6 +511,8 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
             if not isinstance(vname, str) or not NAME_PATTERN.match(vname):
                 raise ConfigError(f"variant name {vname!r} must be a word of letters, digits, _ . + -")
             variants[vname] = _variant_overrides(vname, overrides, variants)
+            if isinstance(overrides, dict) and "extends" in overrides:
+                extends[vname] = str(overrides["extends"])
 
     for scale, part in scale_study.items():
         subset = part.get("variant_subset")
@@ -593,7 +598,7 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         name=name, description=str(data.get("description") or "").strip(), base=base, scales=scales,
         scale_study=scale_study, default_scale=default_scale, variants=variants, search_space=tuple(dims),
         reference=reference, seeds=seeds, objective_metric=metric, direction=direction, sampler=sampler,
-        pruner=pruner, n_trials=n_trials, path=path, raw=data,
+        pruner=pruner, n_trials=n_trials, path=path, raw=data, extends=extends,
     )  # fmt: skip
     _check_budget(spec)
     return spec
