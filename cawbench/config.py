@@ -8,9 +8,11 @@ field's type or rejected with the field named, and every section checks its own 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,7 +73,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{name} must be a positive integer or null, got {value!r}")
-        if self.val_size is not None and self.val_size < 0:
+        if self.val_size is not None and not (self.val_size >= 0 and math.isfinite(self.val_size)):
             raise ConfigError(
                 f"data.val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size!r}"
             )
@@ -86,8 +88,10 @@ class ModelConfig:
     hidden: tuple[int, ...] | None = None  # MLP hidden sizes; None: the architecture's default
 
     def __post_init__(self) -> None:
-        if not self.width > 0:
-            raise ConfigError(f"model.width must be > 0, got {self.width!r}")
+        if not (self.width > 0 and math.isfinite(self.width)):
+            raise ConfigError(
+                f"model.width must be a finite number > 0 (1.0 = the paper's widths), got {self.width!r}"
+            )
         if self.depth is not None and self.depth < 1:
             raise ConfigError(f"model.depth (blocks per stage) must be >= 1, got {self.depth!r}")
         if self.base_planes is not None and self.base_planes < 1:
@@ -111,8 +115,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, ("adam", "adamw", "sgd"))
         _check_choice("optim.scheduler", self.scheduler, ("none", "cosine", "linear_cooldown"))
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr!r}")
         if self.weight_decay < 0 or self.lr_min < 0:
             raise ConfigError("optim.weight_decay and optim.lr_min must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -203,6 +207,10 @@ class RunConfig:
     out_dir: str = engine_only("runs")
     run_name: str | None = engine_only(None)
 
+    def __post_init__(self) -> None:
+        if self.run_name is not None:
+            check_run_name(self.run_name)
+
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
@@ -224,6 +232,17 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def check_run_name(name: str) -> None:
+    """A run name is a folder path under OUT_DIR/runs: relative, without ``..`` or empty parts (studies
+    use ``<study>/<trial>``), so that a run never writes outside its --out-dir."""
+    parts = name.replace("\\", "/").split("/")
+    if not name.strip() or name.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(
+            f"run_name={name!r} must be a relative folder path under OUT_DIR/runs (parts joined by '/', none "
+            "empty, '.' or '..'; no leading '/' or '~'), so that the run stays inside --out-dir"
+        )
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -321,11 +340,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ConfigError(f"{where} expects a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -380,6 +397,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {str(path)!r} is not a text (YAML) file; give a .yaml config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data

@@ -42,7 +42,7 @@ def test_hash_ignores_output_location_but_not_maths():
         ({"optim.lrr": 0.1}, "unknown config key 'optim.lrr' (in optim); valid keys there: betas, eps"),
         ({"nonsense": 1}, "unknown config key 'nonsense' (in top level)"),
         ({"optim.lr": "fast"}, "optim.lr expects a number, got 'fast'"),
-        ({"optim.lr": -1.0}, "optim.lr must be > 0, got -1.0"),
+        ({"optim.lr": -1.0}, "optim.lr must be a finite number > 0, got -1.0"),
         ({"optim.name": "lion"}, "optim.name='lion' is not valid; choose one of: adam, adamw, sgd"),
         ({"train.epochs": 0}, "train.epochs must be >= 1"),
         ({"model.depth": 0}, "model.depth (blocks per stage) must be >= 1"),

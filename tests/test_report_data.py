@@ -128,7 +128,10 @@ def test_per_layer_terms_diagnostics_and_assignments_are_drawn(ladder):
     assert {"ce", "entropy", "ortho"} <= set(terms["quantity"]) and (terms["n"] == 2).all()
     diagnostics = pd.read_csv(report / "tables" / "assignment_diagnostics_synthetic.csv")
     assert "temperature" in set(diagnostics["quantity"])
-    assert set(diagnostics["label"]) == {"caw_conv", "ladder01_learnable"}  # learnable assignments only
+    # fixed assignments are drawn too, as the one-hot baseline; only learnable ones have a temperature
+    assert set(diagnostics["label"]) == {"caw_conv", "ladder01_learnable", "deeperforward"}
+    temperature = diagnostics[diagnostics["quantity"] == "temperature"]
+    assert set(temperature["label"]) == {"caw_conv", "ladder01_learnable"}
 
 
 def test_rows_and_header_carry_provenance(ladder):

@@ -323,6 +323,21 @@ def test_results_folder_report(finished_study, tmp_path):
     assert builder.report.tables["results"]["final_test_acc_n"].tolist() == [2, 2]
 
 
+def test_a_malformed_results_line_is_named_and_skipped(finished_study, tmp_path, capsys):
+    """A torn or hand-broken line of results.jsonl: the report names file and line and reads the rest."""
+    from cawbench.reporting.source import load_source
+
+    _, out_dir, _ = finished_study
+    folder = tmp_path / "torn"
+    folder.mkdir()
+    lines = (out_dir / "results.jsonl").read_text().splitlines()
+    (folder / "results.jsonl").write_text("\n".join([lines[0], '{"method": "backp', *lines[1:]]) + "\n")
+    source = load_source(str(folder))
+    assert len(source.rows) == 8
+    err = capsys.readouterr().err
+    assert f"cawbench: warning: {folder / 'results.jsonl'}, line 2: not valid JSON" in err
+
+
 def test_study_without_finished_trials_gives_a_clear_message(tmp_path, capsys):
     from cawbench.cli import main
     from cawbench.studies.runner import RunOptions, prepare

@@ -160,7 +160,7 @@ def test_diverging_configuration_fails_with_reason_and_the_study_goes_on(tmp_pat
     assert trials["ok"].state == TrialState.COMPLETE
     bad = trials["huge_lr"]
     assert bad.state == TrialState.FAIL
-    assert bad.user_attrs["fail_reason"].startswith("diverged: loss term 'ce'")
+    assert bad.user_attrs["fail_reason"].startswith("diverged: ce, layer 0, epoch 1/1")
     run = MlflowClient(tracking_uri=tracking_uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["cawbench.fail_reason"].startswith("diverged")
     # A final failure is not retried by a plain re-run, only with --retry-failed.
@@ -264,6 +264,9 @@ def test_killed_worker_resumes_with_every_trial_complete_exactly_once(tmp_path, 
         retry[0].user_attrs["mlflow_run_id"], "val_acc"
     )
     assert sorted(m.step for m in history) == list(range(20))  # resumed epochs are logged too
+    orphan = MlflowClient(tracking_uri=tracking_uri).get_run(victim.user_attrs["mlflow_run_id"])
+    assert orphan.info.status == "KILLED"  # not RUNNING forever: closed when the trial was found stale
+    assert orphan.data.tags["cawbench.fail_reason"].startswith("worker died")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["plan_key"] for r in rows) == ["a/seed=0", "b/seed=0", "c/seed=0"]
 
@@ -446,6 +449,7 @@ BAD_SPECS = [
     ({"variants": {"a": {}}, "scales": {"cpu": {"variant_subset": ["b"]}}}, "unknown variant 'b'"),
     ({"variants": {"a": {}}, "scales": {"cpu": {"variant_subset": []}}}, "variant_subset must be a non-empty"),
     ({"variants": {"a": {}}, "pruner": {"name": "median"}}, "pruning would leave holes"),
+    ({"variants": {"noval": {"data.val_size": 0}}}, "data.val_size=0 leaves no validation split, but the objective"),
 ]  # fmt: skip
 
 
@@ -470,6 +474,72 @@ def test_unknown_scale_storage_and_spec_change_are_clear_errors(tmp_path):
     changed["base"]["optim.lr"] = 0.5
     with pytest.raises(ConfigError, match="created from a different version"):
         run_study(run_opts(write_spec(tmp_path, changed), out, "off"))
+
+
+def test_a_study_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path, capsys):
+    from cawbench.cli import main
+
+    spec = digits_spec("allfail", seeds=[0, 1], variants={"huge": {"optim.name": "sgd", "optim.lr": 1.0e30}})
+    path, out = write_spec(tmp_path, spec), tmp_path / "runs"
+    argv = ["study", "run", str(path), "--out-dir", str(out), "--tracking-uri", "off", "--threads", "1"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert (
+        "cawbench: error: every trial of study allfail-cpu failed (2 failed, none complete):" in captured.err
+    )
+    assert (
+        "  2 x diverged: ce, layer 0, epoch 1/1: its mean is nan; lower optim.lr (now 1e+30)" in captured.err
+    )
+    assert "re-run with --retry-failed" in captured.err
+    assert "failed trials are not repeated by a plain re-run" in captured.out  # the summary says it too
+    assert not (out / "results.jsonl").exists()
+
+
+def test_study_commands_refuse_bad_places_before_creating_anything(tmp_path, capsys):
+    from cawbench.cli import main
+
+    path, out = write_spec(tmp_path, digits_spec("places", seeds=[0])), tmp_path / "runs"
+    assert main(["study", "status", str(path), "--out-dir", str(out)]) == 2
+    assert "there is no Optuna journal at" in capsys.readouterr().err
+    assert main(["study", "run", str(path), "--out-dir", str(out), "--tracking-uri", "bogus://x"]) == 2
+    assert "--tracking-uri 'bogus://x': unsupported scheme 'bogus'" in capsys.readouterr().err
+    assert not out.exists()  # neither command created the folder or a journal
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert main(["study", "run", str(path), "--out-dir", str(afile), "--tracking-uri", "off"]) == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+
+
+def _create_store(uri: str, start: Any, errors: Any) -> None:
+    from cawbench.studies.tracking import create_store
+
+    start.wait()
+    try:
+        create_store(uri)
+        errors.put(None)
+    except Exception as exc:
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_study_processes_on_a_fresh_out_dir_create_the_mlflow_store_once(tmp_path):
+    """Two processes run MLflow's schema migrations on the same new sqlite file at the same moment (without
+    the lock one of them fails in alembic, every time here); the store is created under a lock instead.
+    Forked, so that neither pays for importing MLflow again."""
+    import multiprocessing
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx = multiprocessing.get_context("fork")
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_create_store, args=(uri, start, errors)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(timeout=120)
+    assert [errors.get(timeout=5) for _ in procs] == [None, None]
+    assert MlflowClient(tracking_uri=uri).search_experiments()  # one working store
 
 
 def test_status_and_list_commands(tmp_path, capsys):

@@ -14,6 +14,7 @@ The engine never imports a method (``tests/test_import_rules.py``): it builds wh
 through :mod:`cawbench.method`.
 """
 
+from cawbench.divergence import TrainingDiverged
 from cawbench.engine.checkpoint import ResumeError, load_checkpoint, save_checkpoint
 from cawbench.engine.devices import autocast, make_optimizer, resolve_device, use_bf16
 from cawbench.engine.executors import (
@@ -29,7 +30,7 @@ from cawbench.engine.executors import (
     with_replayed_graphs,
 )
 from cawbench.engine.pipeline import PipelineRunner, ThreadPipeline, balanced_groups, run_thread_pipeline
-from cawbench.engine.records import TrainingDiverged, default_run_name, software_versions
+from cawbench.engine.records import default_run_name, software_versions
 from cawbench.engine.step import BatchStep, StepState, StepStats, UnitState, weighted_sum
 from cawbench.engine.trainer import EpochCallback, Trainer, train
 

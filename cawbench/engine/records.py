@@ -1,4 +1,6 @@
-"""What a run records: epoch means of the loss terms, the result row, unit statistics, artifacts, versions."""
+"""What a run records: epoch means of the loss terms, the result row, unit statistics, artifacts, versions.
+
+The divergence check on the epoch means is :mod:`cawbench.divergence`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +27,25 @@ from cawbench.provenance import provenance
 from cawbench.results import atomic_write_bytes
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the message names the epoch, layer and term."""
+@dataclass
+class EpochMeans:
+    """An epoch's loss terms read back from the device in one transfer: the record's entries (``record``:
+    ``train_loss``, ``train_loss_weighted``, ``train_acc``), and for the divergence check every term's epoch
+    mean and first-batch value per layer, None where a layer did not train it (``means``, ``firsts``)."""
+
+    record: dict[str, Any]
+    means: dict[str, list[float | None]]
+    firsts: dict[str, list[float | None]]
 
 
-def epoch_means(stats: StepStats, epoch: int, weights: Mapping[str, float]) -> dict[str, Any]:
-    """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted, and its
-    training accuracy, read back in one transfer; a non-finite term of a unit that trained raises
-    :class:`TrainingDiverged`. ``weights``: the epoch's loss weights (used when they held all epoch)."""
-    term_sums = stats.term_sums
+def epoch_means(stats: StepStats, weights: Mapping[str, float]) -> EpochMeans:
+    """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted, their
+    first-batch values, and every unit's training accuracy. ``weights``: the epoch's loss weights (used
+    when they held all epoch)."""
+    term_sums, first_terms = stats.term_sums, stats.first_terms
     names = sorted({k for sums in term_sums for k in sums})
-    sources = [term_sums] + ([stats.weighted_sums] if stats.weighted_sums is not None else [])
+    sources = [term_sums, first_terms] + ([stats.weighted_sums] if stats.weighted_sums is not None else [])
+    # One device->host transfer: epoch means, first-batch values, (weighted means).
     table = torch.full(
         (len(sources), len(term_sums), max(len(names), 1)), float("nan"), device=stats.correct.device
     )
@@ -42,25 +53,28 @@ def epoch_means(stats: StepStats, epoch: int, weights: Mapping[str, float]) -> d
         for i, sums in enumerate(sums_by_unit):
             for j, k in enumerate(names):
                 if k in sums:
-                    table[s, i, j] = sums[k] / max(stats.active_steps[i], 1)
-    values, *weighted = table.tolist()
+                    table[s, i, j] = sums[k] if s == 1 else sums[k] / max(stats.active_steps[i], 1)
+    values, firsts, *weighted = table.tolist()
     if not weighted:  # the weights held for the whole epoch: weighted mean = weight x mean
         weighted = [[[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]]
     acc = (100 * stats.correct / stats.seen.clamp(min=1)).tolist()
     seen_list = stats.seen.tolist()
-    for i, row in enumerate(values):
-        for j, v in enumerate(row[: len(names)]):
-            if stats.active_steps[i] and names[j] in term_sums[i] and not math.isfinite(v):
-                raise TrainingDiverged(f"loss term {names[j]!r} of layer {i} is {v} at epoch {epoch}")
+
+    def trained(rows: list[list[float]], which: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+        return {
+            k: [rows[i][j] if stats.active_steps[i] and k in which[i] else None for i in range(len(rows))]
+            for j, k in enumerate(names)
+        }
 
     def by_term(rows: list[list[float]]) -> dict[str, list[float | None]]:
         return {k: [_nan_to_none(rows[i][j]) for i in range(len(rows))] for j, k in enumerate(names)}
 
-    return {
+    record = {
         "train_loss": by_term(values),
         "train_loss_weighted": by_term(weighted[0]),
         "train_acc": [acc[i] if seen_list[i] else None for i in range(len(acc))],
     }
+    return EpochMeans(record, trained(values, term_sums), trained(firsts, first_terms))
 
 
 def result_row(

@@ -59,6 +59,8 @@ class StepStats:
         self.weighted_sums: list[dict[str, torch.Tensor]] | None = (
             [{} for _ in range(n_units)] if weighted else None
         )
+        # Each term's value on its first batch of the epoch (the divergence check's scale).
+        self.first_terms: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
         self.correct = torch.zeros(n_units, device=device)
         self.seen = torch.zeros(n_units, device=device)
         self.steps = 0
@@ -72,6 +74,9 @@ class StepStats:
 
     def add_terms(self, i: int, terms: dict[str, torch.Tensor], weights: Mapping[str, float]) -> None:
         values = {k: v.detach().float() for k, v in terms.items()}
+        for k, v in values.items():
+            if k not in self.term_sums[i]:
+                self.first_terms[i][k] = v.clone()
         _accumulate(self.term_sums[i], values)
         if self.weighted_sums is not None:
             names = list(values)

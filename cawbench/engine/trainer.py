@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cawbench import run_folder
 from cawbench.config import ConfigError, RunConfig, save_yaml
-from cawbench.data import PreparedData, iterate_batches, prepare_data
+from cawbench.data import PreparedData, batch_bounds, iterate_batches, prepare_data
+from cawbench.divergence import REFERENCE_KEY, check_epoch
 from cawbench.engine.checkpoint import load_checkpoint, save_checkpoint
 from cawbench.engine.devices import (
     autocast,
@@ -44,7 +45,7 @@ from cawbench.engine.records import (
 )
 from cawbench.engine.step import BatchStep, StepState, StepStats, UnitState
 from cawbench.method import LocalNetwork, Method, StepContext, get_method, recipe_overrides
-from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
+from cawbench.readouts import ReadoutContext, check_readouts, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_text
 from cawbench.schedule import ScheduleClock
 from cawbench.seeding import seed_everything
@@ -101,8 +102,7 @@ class Trainer:
         self.scoring = [i for i, u in enumerate(self.net.units) if getattr(u, "emits_scores", True)]
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
-        for name in (cfg.readout.name, *cfg.readout.extra):
-            get_readout(name)  # unknown readout names fail before any work
+        check_readouts(cfg.readout, len(self.data.val), cfg.data.val_size)  # before any work
         self.run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -152,7 +152,7 @@ class Trainer:
             return None
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.train) / self.cfg.train.batch_size)
+        return len(batch_bounds(len(self.data.train), self.cfg.train.batch_size, train=True))
 
     def schedule_point(self, epoch: int, step: int) -> StepContext:
         """Where one training batch stands on the schedules: position, loss weights, units that train."""
@@ -222,13 +222,32 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         self.method.on_epoch_end(net, epoch)
-        return {
-            **epoch_means(stats, epoch, first.weights),
+        means = epoch_means(stats, first.weights)
+        references = check_epoch(
+            means.means,
+            means.firsts,
+            self.history,
+            epoch=epoch,
+            epochs=cfg.train.epochs,
+            num_classes=self.data.info.num_classes,
+            lr_of=self._unit_lr,
+            config_lr=cfg.optim.lr,
+        )  # fmt: skip  (raises TrainingDiverged)
+        summary = {
+            **means.record,
             "schedule_at": self.clock.at(epoch, 0),
             "train_time_s": elapsed,
             "train_images_per_s": len(self.data.train) / elapsed if elapsed > 0 else None,
             "lr": self._current_lr(),
         }
+        if references:
+            summary[REFERENCE_KEY] = references
+        return summary
+
+    def _unit_lr(self, i: int) -> float | None:
+        """Unit i's configured learning rate (before any schedule), for the divergence hint."""
+        state = self.units[i] if i < len(self.units) else None
+        return state.optim.lr if state is not None and state.optimizer is not None else None
 
     def _current_lr(self) -> float | None:
         for state in self.units:
@@ -277,12 +296,23 @@ class Trainer:
         return record
 
     # ----------------------------------------------------------------------------- the run
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, overwrite: bool = True) -> dict[str, Any]:
+        """Train (``resume``: from the run folder's checkpoint) and return the result row. A folder that holds
+        another run is replaced whole when ``overwrite`` (the library default), else refused (the CLI's
+        default). Resuming a finished run changes nothing and returns its stored row (``already_finished``)."""
         cfg = self.cfg
         ckpt_path = self.run_dir / "checkpoint.pt"
+        run_folder.claim(self.run_dir, Path(cfg.out_dir), resume=resume, overwrite=overwrite)
+        self.already_finished = False
         if resume:
             resumed = load_checkpoint(ckpt_path, cfg.config_hash(), self.device, self.net, self.units)
             self.history, self.start_epoch = resumed.history, resumed.epochs_done
+            done = run_folder.finished_result(self.run_dir, cfg.config_hash())
+            if done is not None and self.start_epoch >= cfg.train.epochs:
+                self.already_finished = True
+                if self.write_result:  # only if the run was killed between its result and its row
+                    run_folder.ensure_row(Path(cfg.out_dir) / "results.jsonl", done)
+                return done
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.run_dir / "config.yaml")
         if self.device.type == "cuda":

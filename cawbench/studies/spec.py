@@ -688,7 +688,14 @@ def check_configs(
             for sampled in _corner_points(spec.search_space):
                 if spec.method_of(scale, variant, sampled) in missing:
                     continue
-                spec.resolve(scale, variant, sampled, spec.seeds_for(scale)[0])
+                cfg = spec.resolve(scale, variant, sampled, spec.seeds_for(scale)[0])
+                if cfg.data.val_size == 0:
+                    where = f"scale {scale!r}" + (f", variant {variant!r}" if variant else "")
+                    raise ConfigError(
+                        f"study {spec.name!r} ({where}): data.val_size=0 leaves no validation split, but the "
+                        f"objective {spec.objective_metric} is a validation accuracy (studies never select on "
+                        "test); give data.val_size > 0"
+                    )
     return sorted(missing)
 
 
