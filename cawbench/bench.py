@@ -52,10 +52,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cawbench.config import ConfigError, DataConfig, parse_override
-from cawbench.cpu_conv import plain_convs
 from cawbench.data import BatchTransform, DataInfo, PreparedData, Split
-
-REFERENCE = "backprop"
 
 
 # --------------------------------------------------------------------------------- measuring helpers
@@ -89,7 +86,8 @@ class HostReadCounter(TorchDispatchMode):
     """Counts operations that need a tensor's value on the host (``.item()``, ``bool(t)``, ``nonzero``,
     ...): each one is a device synchronisation on a GPU, so a training step should have none. Not counted:
     reads of host tensors by code that only ever reads host tensors: ``torch.optim`` (the step counters the
-    non-fused optimisers keep on the host on purpose) and :mod:`cawbench.fast_dropout` (CPU-only seeds)."""
+    non-fused optimisers keep on the host on purpose) and :func:`cawbench.layers.bulk_uniform` (the seed of a
+    CPU-only dropout draw)."""
 
     OPS = {
         torch.ops.aten._local_scalar_dense.default,
@@ -113,7 +111,11 @@ class HostReadCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-HOST_ONLY_CODE = (f"{os.sep}torch{os.sep}optim{os.sep}", f"{os.sep}cawbench{os.sep}fast_dropout.py")
+#: (file path fragment, function name or None for any) of code that only ever reads host tensors
+HOST_ONLY_CODE = (
+    (f"{os.sep}torch{os.sep}optim{os.sep}", None),
+    (f"{os.sep}cawbench{os.sep}layers.py", "bulk_uniform"),
+)
 
 
 def _host_only_read(args: tuple) -> bool:
@@ -123,7 +125,8 @@ def _host_only_read(args: tuple) -> bool:
     for _ in range(12):
         if frame is None:
             return False
-        if any(part in frame.f_code.co_filename for part in HOST_ONLY_CODE):
+        code = frame.f_code
+        if any(part in code.co_filename and name in (None, code.co_name) for part, name in HOST_ONLY_CODE):
             return True
         frame = frame.f_back
     return False
@@ -206,19 +209,6 @@ def parse_methods(text: str, available: list[str]) -> list[Entry]:
     return entries
 
 
-def check_process_wide(entries: list[Entry], args: argparse.Namespace) -> None:
-    """``train.keep_cpu_memory`` changes malloc for the whole process once any CPU trainer keeps memory, so
-    rows that differ in it cannot be told apart in one bench run: refuse such a mix."""
-    key = "train.keep_cpu_memory"
-    default = dict(parse_override(o) for o in args.set).get(key, True)
-    values = {bool(e.overrides.get(key, default)) for e in entries}
-    if len(values) > 1:
-        raise ConfigError(
-            f"rows differ in {key}, which is process-wide: bench the values in separate runs "
-            f"(e.g. --set {key}=false for all rows)"
-        )
-
-
 def bench_config(entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None):
     """The run config of one row: the method's defaults (or recipe), the bench's sizes, then overrides."""
     from cawbench.method import get_method, params_fields, recipe_overrides, resolve_config
@@ -256,7 +246,7 @@ def bench_config(entry: Entry, args: argparse.Namespace, model: dict[str, Any] |
 
 def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Every figure for one configuration (see the module docstring for definitions)."""
-    from cawbench.engine import StepStats, Trainer, resolve_device
+    from cawbench.engine import Trainer, resolve_device
 
     device = resolve_device(cfg.train.device)
     data = random_data(args.input_shape, args.classes, args.batch * args.steps,
@@ -303,21 +293,20 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     batches = trainer._batches("train", 0, train=True)
     x, y = next(batches)
     meter = SavedTensorMeter(parameter_storages(trainer.net))
-    ctx = trainer.schedule_point(0, 0)
-    trainer.step(x, y, ctx, StepStats(len(trainer.units), device), hook=meter.hook)
+    trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()), hook=meter.hook)
     per_unit = meter.unit_bytes()
     row["saved_max_mb"] = max(per_unit, default=0) / 2**20
     row["saved_sum_mb"] = sum(per_unit) / 2**20
     reads = HostReadCounter()
     with reads:
-        trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+        trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
     row["host_reads_per_step"] = reads.count
     from torch.utils.flop_counter import FlopCounterMode
 
-    with _force_eager(), plain_convs():  # the direct convolution's FLOPs, whatever algorithm ran
+    with _force_eager():
         counter = FlopCounterMode(display=False)
         with counter:
-            trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+            trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
         row["train_gflop_per_img"] = counter.get_total_flops() / x.shape[0] / 1e9
         xe, _ = next(trainer._batches("test", 0, train=False))
         trainer.net.eval()
@@ -445,14 +434,14 @@ def write_reports(rows: list[dict[str, Any]], args: argparse.Namespace, device: 
 
 
 def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> str:
-    from cawbench.engine import _versions
+    from cawbench.engine import software_versions
 
-    versions = _versions()
+    versions = software_versions()
     cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
     lines = [
         f"# Cost of each method on {describe_device(device)}",
         "",
-        f"- command: `cawbench bench {' '.join(args.argv)}`",
+        f"- command: `{' '.join(['cawbench', *process_args(args), 'bench', *args.argv])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
         f"- hardware: {describe_device(device)}",
         f"- versions: cawbench {versions.get('cawbench')} (git {versions.get('git', '?')}), torch "
@@ -473,8 +462,7 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         "at once by a sequential layer-local step), `sum` = all units. Peak MB = max CUDA memory allocated "
         "over the timed training epochs (parameters, optimiser state, resident data included). FLOPs from "
         "`torch.utils.flop_counter.FlopCounterMode` over one training step (forward + the backward work "
-        "really done; convs counted as the direct convolution, so CPU Winograd's fewer multiplies do not lower "
-        "the figure), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
+        "really done), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
         "step that need a value on the host (`.item()`, `bool(t)`, `nonzero`, ...): device syncs on a GPU.",
         "",
     ]
@@ -524,7 +512,7 @@ def add_parser(sub: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from cawbench.engine import resolve_device
-    from cawbench.method import list_methods
+    from cawbench.method import list_methods, reference_method
 
     args.argv = _command_args(args)
     args.input_shape = parse_input(args.input)
@@ -534,9 +522,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     entries = parse_methods(args.methods, list_methods())
-    check_process_wide(entries, args)
     # Plain backprop rows first: they are the references of the rows after them.
-    entries.sort(key=lambda e: not (e.method == REFERENCE and not e.overrides))
+    reference = reference_method()  # backprop
+    entries.sort(key=lambda e: not (e.method == reference and not e.overrides))
     device = resolve_device(args.device)
     print(f"bench on {describe_device(device)}: {', '.join(e.label for e in entries)}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -544,10 +532,10 @@ def run_bench(args: argparse.Namespace) -> int:
     for entry in entries:
         rows.append(_measure_entry(entry, args))
         key = rows[-1].get("model_key")
-        if entry.method == REFERENCE and not entry.overrides and key not in refs:
+        if entry.method == reference and not entry.overrides and key not in refs:
             refs[key] = rows[-1]
         elif not args.no_reference and key is not None and key not in refs:
-            ref = _measure_entry(Entry(f"{REFERENCE} (ref)", REFERENCE, {}), args, model=rows[-1]["model"])
+            ref = _measure_entry(Entry(f"{reference} (ref)", reference, {}), args, model=rows[-1]["model"])
             refs[key] = ref
             rows.append(ref)
         path = _finish(rows, refs, args, device)  # after every row: a cut-off run still leaves a report
@@ -595,6 +583,13 @@ def _command_args(args: argparse.Namespace) -> list[str]:
     if args.no_reference:
         out.append("--no-reference")
     return out
+
+
+def process_args(args: argparse.Namespace) -> list[str]:
+    """The process options of the command (``cawbench --threads N --no-keep-cpu-memory bench ...``)."""
+    threads = getattr(args, "process_threads", None)
+    out = [f"--threads {threads}"] if threads is not None else []
+    return out + ([] if getattr(args, "keep_cpu_memory", True) else ["--no-keep-cpu-memory"])
 
 
 def iter_rows(path: Path) -> Iterator[dict[str, str]]:

@@ -27,10 +27,32 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ sections
+ENGINE_ONLY = "engine_only"  # field metadata key: the field never changes a run's numbers
+
+
+def engine_only(default: Any) -> Any:
+    """A config field that leaves the maths alone (an execution mode with the sequential updates, a time
+    limit, where files go, progress display): :meth:`RunConfig.config_hash` leaves it out, so switching it
+    keeps a run's hash (and its checkpoint resumable). Methods' ``Config`` fields may use it too."""
+    return field(default=default, metadata={ENGINE_ONLY: True})
+
+
+def hashed_fields(obj: Any) -> Any:
+    """``to_plain(obj)`` without the fields marked :func:`engine_only`, at any depth."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: hashed_fields(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get(ENGINE_ONLY)
+        }
+    return to_plain(obj)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "fashion-mnist"
-    data_dir: str | None = None  # None: $CAWBENCH_DATA, then known system locations, then download
+    # None: $CAWBENCH_DATA, then known system locations, then download
+    data_dir: str | None = engine_only(None)
     val_size: float | None = (
         None  # images held out of train for selection; <1 means a fraction; None: default
     )
@@ -128,15 +150,11 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile each unit
     parallel: str = "off"  # off | pipeline | streams (layer-parallel modes, same maths as sequential)
-    pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
-    cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
-    fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
-    # CPU: tuned (conv kernels/layout picked by shape, Winograd included; cawbench.cpu_conv) | direct (the same
-    # without Winograd: direct sums only) | plain (PyTorch's own conv)
-    cpu_conv: str = "tuned"
-    keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
-    fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
-    time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
+    pipeline_threads: int = engine_only(1)  # CPU pipeline: >1 = that many single-threaded workers over groups
+    cuda_graph: bool = engine_only(False)  # CUDA only: capture the whole training step once per epoch, replay
+    fused_optimizer: bool = engine_only(True)  # fused Adam/AdamW/SGD kernels where torch has them (CPU too)
+    # stop after the epoch that would overrun this; the row is marked truncated (and can be resumed)
+    time_limit_s: float | None = engine_only(None)
     # Drive every epoch-indexed schedule (LR, temperature decay, ortho warm-up, CwComp's layer windows) by
     # training progress mapped onto the reference horizon, updated every step: a 3-epoch run passes through
     # the phases of the 150-epoch recipe. Off: the released per-epoch schedules over this run's epochs.
@@ -145,8 +163,8 @@ class TrainConfig:
         None  # reference horizon; None: the recipe's train.epochs, else train.epochs
     )
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
-    checkpoint: bool = True
-    progress: bool = True
+    checkpoint: bool = engine_only(True)
+    progress: bool = engine_only(True)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -156,13 +174,18 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
-        _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "direct", "plain"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.schedule_epochs is not None and self.schedule_epochs < 1:
             raise ConfigError(f"train.schedule_epochs must be >= 1 or null, got {self.schedule_epochs!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ConfigError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s!r}")
+
+
+#: Switches that are gone but were hashed, with the value every run now has: hashed as before, so the
+#: hashes (checkpoints, run names) of configurations made before their removal stay valid.
+#: ``train.fast_dropout`` (on by default): dropout is now always the channel-wise layer's bulk-drawn kind.
+RETIRED_HASHED: dict[str, dict[str, Any]] = {"train": {"fast_dropout": True}}
 
 
 @dataclass(frozen=True)
@@ -181,8 +204,8 @@ class RunConfig:
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     params: Any = field(default_factory=EmptyParams)  # the method's own frozen dataclass
-    out_dir: str = "runs"
-    run_name: str | None = None
+    out_dir: str = engine_only("runs")
+    run_name: str | None = engine_only(None)
 
     def __post_init__(self) -> None:
         if self.run_name is not None:
@@ -192,23 +215,11 @@ class RunConfig:
         return to_plain(self)
 
     def config_hash(self) -> str:
-        """Hash of everything that can change the numbers (not where files go or how progress shows)."""
-        d = self.to_dict()
-        for key in ("out_dir", "run_name"):
-            d.pop(key, None)
-        d["data"].pop("data_dir", None)
-        d["train"].pop("progress", None)
-        d["train"].pop("checkpoint", None)
-        # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
-        for key in (
-            "cuda_graph",
-            "fused_optimizer",
-            "time_limit_s",
-            "pipeline_threads",
-            "keep_cpu_memory",
-            "cpu_conv",
-        ):
-            d["train"].pop(key, None)
+        """Hash of everything that can change the numbers: every field but those marked :func:`engine_only`
+        (how the run executes, where it writes, how progress shows)."""
+        d = hashed_fields(self)
+        for section, retired in RETIRED_HASHED.items():
+            d[section].update(retired)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -140,6 +140,9 @@ class CAWConv(ChannelwiseMethod):
         "InstanceNorm, CE(ls) + entropy + ortho, LCS readout"
     )
     Config = CAWConvConfig
+    report_label = "CAW-Conv"
+    report_order = 10
+    bp_twin = "paper"  # backprop's paper recipe: the same ResNet-17, data and budget
     defaults = defaults_from(RESNET)
     recipes = {
         "paper": {name: {**RESNET, **extra} for name, extra in RESNET_DATASETS.items()},

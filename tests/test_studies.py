@@ -567,3 +567,21 @@ def test_status_and_list_commands(tmp_path, capsys):
     summary = summarize(optuna.load_study(study_name="cli-cpu", storage=open_storage(None, out).storage),
                         load_spec(path), "cpu")  # fmt: skip
     assert summary["configs"][0]["n"] == 2 and summary["configs"][0]["std"] is not None
+
+
+def test_a_variant_extends_one_declared_before_it_and_chains():
+    variants = {
+        "a": {"optim.lr": 0.1, "train.batch_size": 32},
+        "b": {"extends": "a", "optim.lr": 0.2},  # its own key wins
+        "c": {"extends": "b", "model.hidden": [16]},  # a chain: a's and b's overrides, then its own
+    }
+    spec = parse_spec(digits_spec("ext", variants=variants))
+    assert spec.variants["b"] == {"optim.lr": 0.2, "train.batch_size": 32}
+    assert spec.variants["c"] == {"optim.lr": 0.2, "train.batch_size": 32, "model.hidden": [16]}
+    assert spec.resolve("cpu", "c", {}, seed=0).model.hidden == (16,)
+    assert spec.extends == {"b": "a", "c": "b"}  # the ladder, for reports (each rung's predecessor)
+    with pytest.raises(ConfigError, match=r"variants.a.extends='b': a variant extends one declared before it; "
+                                          r"declared before: \(none: it is the first variant\)"):  # fmt: skip
+        parse_spec(digits_spec("ext", variants={"a": {"extends": "b"}, "b": {}}))
+    with pytest.raises(ConfigError, match="variants.b.extends='zz'.*declared before: a"):
+        parse_spec(digits_spec("ext", variants={"a": {}, "b": {"extends": "zz"}}))

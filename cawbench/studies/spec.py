@@ -17,6 +17,7 @@ Schema (top-level keys; anything else is an error naming the key)::
     variants:                          # optional: named config overrides, a categorical axis "variant"
       caw_conv: {}
       minus_entropy: {params.lambda_entropy: 0.0}
+      minus_both: {extends: minus_entropy, params.lambda_ortho: 0.0}   # minus_entropy's overrides + its own
     search_space:                      # optional: config key -> distribution
       params.lambda_entropy: {type: float, low: 1.0e-4, high: 1.0, log: true}
       model.depth: {type: int, low: 1, high: 3}
@@ -27,6 +28,10 @@ Schema (top-level keys; anything else is an error naming the key)::
     sampler: {name: grid | tpe | random | qmc, seed: 0, ...sampler options}
     pruner: {name: none | median | percentile | successive_halving | hyperband, ...pruner options}
     n_trials: null                     # configurations to draw (tpe/random/qmc); grid: the whole grid
+
+``extends: NAME`` in a variant takes the overrides of a variant declared before it (with its own
+``extends`` already applied) and adds its own on top, so the rungs of a ladder each name one change. It
+inherits only the ``variants:`` entry; a scale's per-variant overrides apply to the variant they name.
 
 A trial's config is resolved as: method defaults -> recipe -> ``base`` -> the scale's overrides -> the
 variant's overrides -> the scale's overrides for that variant -> the sampled search-space values ->
@@ -239,6 +244,8 @@ class StudySpec:
     n_trials: int | None
     path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: variant -> the variant it ``extends:`` (already folded into ``variants``; reports read the ladder)
+    extends: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- per scale
     def check_scale(self, scale: str | None) -> str:
@@ -420,6 +427,22 @@ def _config_mapping(raw: Any, where: str) -> dict[str, Any]:
     return flat
 
 
+def _variant_overrides(name: str, raw: Any, earlier: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A variant's flat overrides; ``extends: OTHER`` starts from those of a variant declared before it (already
+    resolved, so chains work), its own keys win. The result is what the variant would list in full."""
+    where = f"variants.{name}"
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return _config_mapping(raw, where)
+    own = dict(raw)
+    parent = own.pop("extends")
+    if parent not in earlier:
+        declared = ", ".join(earlier) or "(none: it is the first variant)"
+        raise ConfigError(
+            f"{where}.extends={parent!r}: a variant extends one declared before it; declared before: {declared}"
+        )
+    return {**earlier[parent], **_config_mapping(own, where)}
+
+
 def _seed_list(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{where} must be a non-empty list of non-negative integers, got {raw!r}")
@@ -479,6 +502,7 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         raise ConfigError(f"default_scale {default_scale!r} is not one of the scales: {', '.join(scales)}")
 
     variants: dict[str, dict[str, Any]] = {}
+    extends: dict[str, str] = {}
     if "variants" in data:
         raw_variants = data["variants"]
         if not isinstance(raw_variants, dict) or not raw_variants:
@@ -486,7 +510,9 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         for vname, overrides in raw_variants.items():
             if not isinstance(vname, str) or not NAME_PATTERN.match(vname):
                 raise ConfigError(f"variant name {vname!r} must be a word of letters, digits, _ . + -")
-            variants[vname] = _config_mapping(overrides, f"variants.{vname}")
+            variants[vname] = _variant_overrides(vname, overrides, variants)
+            if isinstance(overrides, dict) and "extends" in overrides:
+                extends[vname] = str(overrides["extends"])
 
     for scale, part in scale_study.items():
         subset = part.get("variant_subset")
@@ -572,7 +598,7 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         name=name, description=str(data.get("description") or "").strip(), base=base, scales=scales,
         scale_study=scale_study, default_scale=default_scale, variants=variants, search_space=tuple(dims),
         reference=reference, seeds=seeds, objective_metric=metric, direction=direction, sampler=sampler,
-        pruner=pruner, n_trials=n_trials, path=path, raw=data,
+        pruner=pruner, n_trials=n_trials, path=path, raw=data, extends=extends,
     )  # fmt: skip
     _check_budget(spec)
     return spec
