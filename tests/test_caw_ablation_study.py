@@ -57,7 +57,8 @@ def test_every_variant_resolves_to_a_valid_config(scale):
         assert cfg.variant == variant
         assert cfg.method == overrides.get("method", SPEC["base"]["method"])
         assert cfg.data.name == "fashion-mnist" and cfg.recipe == "paper"
-        for key, value in STUDY.scales[scale].items():  # the scale's config keys reach every variant
+        at_scale = {**STUDY.scales[scale], **STUDY.scale_study[scale].get("variants", {}).get(variant, {})}
+        for key, value in at_scale.items():  # the scale's config keys (and its per-variant ones) reach it
             node = cfg
             for part in key.split("."):
                 node = getattr(node, part)
