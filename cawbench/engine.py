@@ -248,24 +248,27 @@ class BatchStep:
         active = ctx.trains(i)
         if state.scheduled_at != ctx.at:  # once per epoch, or every step under train.budget_schedules
             self._apply_schedule(state, ctx.at)
-        with hook(i) if hook is not None else contextlib.nullcontext(), self._autocast():
-            out = state.unit(h)
-            # The next unit's input is ready now (computed before this unit's update): hand it over first,
-            # so that with per-unit streams the next unit's forward overlaps this unit's backward.
-            passed = self.net.advance(i, out.passed, shortcut)
-            if ready is not None:
-                ready.record()
-            terms = state.unit.local_losses(out, y, ctx) if active else {}
-        if terms:
-            loss = weighted_sum(terms, ctx.weights)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if state.clip is not None:
-                torch.nn.utils.clip_grad_norm_(state.params, state.clip)
-            state.optimizer.step()
-            stats.add_terms(i, terms, ctx.weights)
-        if out.scores is not None:
-            stats.add_scores(i, out.scores, y)
+        # ``hook`` spans everything this unit does (forward, losses, backward, update): what bench's
+        # saved-bytes meter and op counter attribute to the unit.
+        with hook(i) if hook is not None else contextlib.nullcontext():
+            with self._autocast():
+                out = state.unit(h)
+                # The next unit's input is ready now (computed before this unit's update): hand it over
+                # first, so that with per-unit streams the next unit's forward overlaps this unit's backward.
+                passed = self.net.advance(i, out.passed, shortcut)
+                if ready is not None:
+                    ready.record()
+                terms = state.unit.local_losses(out, y, ctx) if active else {}
+            if terms:
+                loss = weighted_sum(terms, ctx.weights)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if state.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(state.params, state.clip)
+                state.optimizer.step()
+                stats.add_terms(i, terms, ctx.weights)
+            if out.scores is not None:
+                stats.add_scores(i, out.scores, y)
         return passed
 
     def _apply_schedule(self, state: UnitState, at: float) -> None:
