@@ -132,6 +132,11 @@ class TrainConfig:
     cpu_conv: str = "tuned"
     keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
+    # How the units of a step update (cawbench.updates): none = each right after its backward | steps = all
+    # at once (one clipping pass, one optimiser call per optimiser kind, one stats update; bit for bit none
+    # on the CPU) | all = steps + the loss pieces a method computes for all its units together (equal maths,
+    # float rounding of batched sums aside)
+    merge_units: str = "all"
     time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
     # Drive every epoch-indexed schedule (LR, temperature decay, ortho warm-up, CwComp's layer windows) by
     # training progress mapped onto the reference horizon, updated every step: a 3-epoch run passes through
@@ -153,6 +158,7 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
         _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "direct", "plain"))
+        _check_choice("train.merge_units", self.merge_units, ("none", "steps", "all"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.schedule_epochs is not None and self.schedule_epochs < 1:
@@ -199,6 +205,7 @@ class RunConfig:
             "pipeline_threads",
             "keep_cpu_memory",
             "cpu_conv",
+            "merge_units",
         ):
             d["train"].pop(key, None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()

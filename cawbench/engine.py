@@ -50,6 +50,7 @@ from cawbench.readouts import ReadoutContext, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_bytes, atomic_write_text
 from cawbench.schedule import ScheduleClock, lr_at
 from cawbench.seeding import seed_everything
+from cawbench.updates import MergedOptimizers, PendingUpdates, StepStats, clip_grad_norms_
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -144,54 +145,6 @@ def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> t
     return total
 
 
-class StepStats:
-    """Per-unit sums over an epoch, kept on the device and read once at its end (no host sync per step).
-
-    Sums are updated in place, so a captured CUDA graph that replays the step keeps accumulating.
-    ``weighted``: also sum weight * term every step (the weights move within an epoch under
-    ``train.budget_schedules``); otherwise the weighted means are the epoch's weight times the mean."""
-
-    def __init__(self, n_units: int, device: torch.device, weighted: bool = False) -> None:
-        self.term_sums: list[dict[str, torch.Tensor]] = [{} for _ in range(n_units)]
-        self.weighted_sums: list[dict[str, torch.Tensor]] | None = (
-            [{} for _ in range(n_units)] if weighted else None
-        )
-        self.correct = torch.zeros(n_units, device=device)
-        self.seen = torch.zeros(n_units, device=device)
-        self.steps = 0
-        self.active_steps = [0] * n_units  # steps in which each unit trained (the mean's denominator)
-
-    def count_step(self, ctx: StepContext) -> None:
-        """One batch went (or goes) through every unit; called once per batch by every executor."""
-        self.steps += 1
-        for i in range(len(self.active_steps)):
-            self.active_steps[i] += ctx.trains(i)
-
-    def add_terms(self, i: int, terms: dict[str, torch.Tensor], weights: Mapping[str, float]) -> None:
-        values = {k: v.detach().float() for k, v in terms.items()}
-        _accumulate(self.term_sums[i], values)
-        if self.weighted_sums is not None:
-            names = list(values)
-            scaled = torch._foreach_mul([values[k] for k in names], [weights.get(k, 1.0) for k in names])
-            _accumulate(self.weighted_sums[i], dict(zip(names, scaled)))
-
-    def add_scores(self, i: int, scores: torch.Tensor, y: torch.Tensor) -> None:
-        labels = y[: scores.shape[0]]
-        self.correct[i].add_((scores.detach().argmax(1) == labels).sum())
-        self.seen[i].add_(labels.shape[0])
-
-
-def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
-    if sums.keys() == values.keys() and len(values) > 1:  # the usual case: one kernel for every term
-        torch._foreach_add_(list(sums.values()), [values[k] for k in sums])
-        return
-    for k, v in values.items():
-        if k in sums:
-            sums[k].add_(v)
-        else:
-            sums[k] = v.clone()
-
-
 UnitHook = Callable[[int], contextlib.AbstractContextManager]
 
 
@@ -199,8 +152,11 @@ class BatchStep:
     """One training mini-batch through every unit: the code path the Trainer and ``cawbench bench`` share.
 
     Each unit runs forward on its detached input, its weighted local loss is backpropagated inside the unit
-    only, its optimiser steps, and its output (computed before the update, never recomputed) feeds the next
-    unit through the plan's wiring. Nothing here reads a value back to the host.
+    only, and its output (computed before the update, never recomputed) feeds the next unit through the
+    plan's wiring. The updates (clipping, optimiser step, loss and accuracy sums) follow ``merge``
+    (``train.merge_units``, see :mod:`cawbench.updates`): each unit's right after its backward (``none``),
+    or all units' of an update scope at once when the scope ends (:meth:`updates`). Nothing here reads a
+    value back to the host.
     """
 
     def __init__(
@@ -214,10 +170,14 @@ class BatchStep:
         autocast_cache: bool = True,
         overlap: bool = False,
         lr_horizon: float = 1.0,
+        merge: str = "none",
     ) -> None:
         self.method, self.net, self.units, self.device, self.bf16 = method, net, units, device, bf16
         self.lr_horizon = lr_horizon  # epochs the LR schedules span (ScheduleClock.lr_horizon)
         self.autocast_cache = autocast_cache
+        self.merge = merge
+        self.optimizers = MergedOptimizers()
+        self._seed: torch.Tensor | None = None  # d(loss)/d(loss) = 1, one tensor for every backward
         # train.parallel=streams on CUDA: every unit on its own stream (see __call__)
         self.streams = (
             [torch.cuda.Stream(device) for _ in units] if overlap and device.type == "cuda" else None
@@ -241,9 +201,11 @@ class BatchStep:
         stats: StepStats,
         hook: UnitHook | None = None,
         ready: Any = None,
+        pending: PendingUpdates | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Train unit ``i`` on ``h``; return the next unit's (detached) input and the running shortcut.
-        ``ready``: a CUDA event recorded as soon as that input exists (before this unit's backward)."""
+        ``ready``: a CUDA event recorded as soon as that input exists (before this unit's backward).
+        ``pending``: the update scope this unit's update joins (None: update now)."""
         state = self.units[i]
         active = ctx.trains(i)
         if state.scheduled_at != ctx.at:  # once per epoch, or every step under train.budget_schedules
@@ -261,15 +223,33 @@ class BatchStep:
                 terms = state.unit.local_losses(out, y, ctx) if active else {}
             if terms:
                 loss = weighted_sum(terms, ctx.weights)
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if state.clip is not None:
-                    torch.nn.utils.clip_grad_norm_(state.params, state.clip)
-                state.optimizer.step()
-                stats.add_terms(i, terms, ctx.weights)
+                if pending is None:
+                    self._update_now(state, loss)
+                    stats.add_terms(i, terms, ctx.weights)
+                else:  # gradients only (cleared when the scope began); the update comes with the scope's
+                    torch.autograd.backward(loss, self._loss_seed(loss))
+                    pending.trained.append(i)
+                    pending.terms.append((i, terms, ctx.weights))
             if out.scores is not None:
-                stats.add_scores(i, out.scores, y)
+                if pending is None:
+                    stats.add_scores(i, out.scores, y)
+                else:
+                    pending.scores.append((i, out.scores, y))
         return passed
+
+    def _update_now(self, state: UnitState, loss: torch.Tensor) -> None:
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if state.clip is not None:
+            torch.nn.utils.clip_grad_norm_(state.params, state.clip)
+        state.optimizer.step()
+
+    def _loss_seed(self, loss: torch.Tensor) -> torch.Tensor:
+        """A ones scalar kept for every backward (autograd would make one per call). Held here, it is never
+        taken over as a parameter's gradient (autograd only steals gradients nobody else references)."""
+        if self._seed is None or self._seed.dtype != loss.dtype:
+            self._seed = torch.ones((), device=self.device, dtype=loss.dtype)
+        return self._seed
 
     def _apply_schedule(self, state: UnitState, at: float) -> None:
         """The unit's own schedules and its learning rate at schedule position ``at``."""
@@ -280,6 +260,90 @@ class BatchStep:
                 group["lr"] = lr
         state.scheduled_at = at
 
+    # ----------------------------------------------------------------------------- merged updates
+    @contextlib.contextmanager
+    def updates(
+        self, units: list[int], targets: list[torch.Tensor], ctxs: list[StepContext], stats: StepStats
+    ) -> Iterator[PendingUpdates | None]:
+        """An update scope: units ``units`` (which see labels ``targets`` and contexts ``ctxs``) run inside
+        it, each leaving its gradients, loss terms and scores; at its end every update is made at once
+        (:meth:`finish`). Yields None with ``merge=none`` (units update one by one)."""
+        if self.merge == "none":
+            yield None
+            return
+        pending = self.begin(units, targets, ctxs)
+        try:
+            yield pending
+            self.finish(pending, stats)
+        finally:
+            pending.release()
+
+    def begin(self, units: list[int], targets: list[torch.Tensor], ctxs: list[StepContext]) -> PendingUpdates:
+        """Set the scope's schedules, clear the training units' gradients, and (``merge=all``) let the
+        method compute the pieces its units share."""
+        pending = PendingUpdates(dict(zip(units, ctxs, strict=True)))
+        training = []
+        for i, y, ctx in zip(units, targets, ctxs, strict=True):
+            state = self.units[i]
+            if state.scheduled_at != ctx.at:
+                self._apply_schedule(state, ctx.at)
+            if state.optimizer is not None and ctx.trains(i):
+                for p in state.params:
+                    p.grad = None
+                training.append((i, y, ctx))
+        if self.merge == "all" and training:
+            pending.shared = self.method.share_pieces(
+                [self.units[i].unit for i, _, _ in training], [y for _, y, _ in training],
+                [ctx for _, _, ctx in training],
+            )  # fmt: skip
+            pending.shared_units = [i for i, _, _ in training]
+        return pending
+
+    def finish(self, pending: PendingUpdates, stats: StepStats) -> None:
+        """The scope's updates: the shared pieces' backward, one clipping pass, the optimiser calls, the
+        loss and accuracy sums."""
+        trained = set(pending.trained)
+        if pending.shared is not None:
+            trained |= self._backward_shared(pending)
+        states = [self.units[i] for i in sorted(trained)]
+        clipped = [s for s in states if s.clip is not None]
+        if clipped:
+            clip_grad_norms_([s.params for s in clipped], [s.clip for s in clipped])
+        self.optimizers.step([s.optimizer for s in states])
+        stats.add(pending.terms, pending.vectors, pending.scores)
+
+    def _backward_shared(self, pending: PendingUpdates) -> set[int]:
+        """Backpropagate the method's shared terms (weighted with each unit's loss weights) and the
+        gradients its units left on the handed-over leaves; return the units these reach."""
+        shared, owners = pending.shared, pending.shared_units
+        total, reached = None, set()
+        for part in shared.terms:
+            units = [owners[j] for j in part.units]
+            reached.update(units)
+            for name, values in part.terms.items():
+                weights = [pending.ctxs[i].weights.get(name, 1.0) for i in units]
+                pending.vectors.append((units, name, values, weights))  # recorded without a graph
+                if values.requires_grad:
+                    weighted = _weighted_vector(values, weights).sum()
+                    total = weighted if total is None else total + weighted
+        roots, grads = ([total], [self._loss_seed(total)]) if total is not None else ([], [])
+        for handoff in shared.handoffs:
+            if any(leaf.grad is not None for leaf in handoff.leaves):
+                leaf_grads = [
+                    leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in handoff.leaves
+                ]
+                roots.append(handoff.source)
+                grads.append(handoff.assemble(leaf_grads))
+        if roots:
+            torch.autograd.backward(roots, grads)
+        for gathered in shared.gathered:
+            if gathered.leaf.grad is not None:
+                parts = gathered.split(gathered.leaf.grad)
+                for param, part in zip(gathered.params, parts, strict=True):
+                    param.grad = part if param.grad is None else param.grad + part
+        return reached
+
+    # ----------------------------------------------------------------------------- one whole step
     def __call__(
         self,
         x: torch.Tensor,
@@ -290,9 +354,11 @@ class BatchStep:
     ) -> None:
         if self.streams is not None:
             return self._overlapped(x, y, ctx, stats, hook)
+        n = len(self.units)
         h, shortcut = self.start(x, y), None
-        for i in range(len(self.units)):
-            h, shortcut = self.unit(i, h, shortcut, y, ctx, stats, hook)
+        with self.updates(list(range(n)), [y] * n, [ctx] * n, stats) as pending:
+            for i in range(n):
+                h, shortcut = self.unit(i, h, shortcut, y, ctx, stats, hook, pending=pending)
         return None
 
     def _overlapped(self, x, y, ctx, stats, hook) -> None:
@@ -300,25 +366,36 @@ class BatchStep:
         forward runs while unit i does its loss, backward, clipping and update. Each unit's stream keeps
         its steps in order, so unit i's next forward still sees its updated weights: the sequential maths,
         with the small kernels of neighbouring units in flight together (once launched from a CUDA graph,
-        the device runs the chain of forwards while the updates trail behind)."""
+        the device runs the chain of forwards while the updates trail behind). Merged updates run on the
+        calling stream once every unit's stream is done; the next step's streams start after them."""
         origin = torch.cuda.current_stream(self.device)
+        n = len(self.units)
         h, shortcut = self.start(x, y), None
         wait: Any = origin
-        for i, stream in enumerate(self.streams):
-            if isinstance(wait, torch.cuda.Stream):
-                stream.wait_stream(wait)
-            else:
-                stream.wait_event(wait)
-            with torch.cuda.stream(stream):
-                for t in (h, shortcut, y):
-                    if t is not None:
-                        t.record_stream(stream)  # made on another stream, freed on this one
-                ready = torch.cuda.Event()
-                h, shortcut = self.unit(i, h, shortcut, y, ctx, stats, hook, ready)
-            wait = ready
-        for stream in self.streams:
-            origin.wait_stream(stream)
+        with self.updates(list(range(n)), [y] * n, [ctx] * n, stats) as pending:
+            for i, stream in enumerate(self.streams):
+                if isinstance(wait, torch.cuda.Stream):
+                    stream.wait_stream(wait)
+                else:
+                    stream.wait_event(wait)
+                with torch.cuda.stream(stream):
+                    for t in (h, shortcut, y):
+                        if t is not None:
+                            t.record_stream(stream)  # made on another stream, freed on this one
+                    ready = torch.cuda.Event()
+                    h, shortcut = self.unit(i, h, shortcut, y, ctx, stats, hook, ready, pending)
+                wait = ready
+            for stream in self.streams:
+                origin.wait_stream(stream)
         return None
+
+
+def _weighted_vector(values: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """values * each unit's weight (float32), as :func:`weighted_sum` weights one unit's terms."""
+    values = values.float()
+    if all(w == weights[0] for w in weights):
+        return values if weights[0] == 1.0 else weights[0] * values
+    return torch.stack(torch._foreach_mul(list(values.unbind()), weights))
 
 
 @dataclasses.dataclass
@@ -387,22 +464,49 @@ class PipelineRunner:
 
     # -- one eager tick ----------------------------------------------------------------------------------
     def _eager_tick(self, slots: list[_PipeItem | None], make_ctx, stats) -> None:
-        for i in reversed(range(self.n)):  # downstream first: an output waits one tick for its consumer
-            item = slots[i]
-            if item is None:
-                continue
+        # Downstream first (an output waits one tick for its consumer). Unit 0 starts a new batch, whose
+        # construction may read the network (FF's hard negatives), so with merged updates it runs after
+        # the others' updates, as it does when every unit updates right after its backward.
+        items = [(i, slots[i]) for i in reversed(range(self.n)) if slots[i] is not None]
+        for i, _ in items:
             slots[i] = None
-            with self._stream(i):
-                if self.cuda:
-                    self.streams[i].wait_event(item.ready)
-                    for t in (item.h, item.shortcut, item.y, item.x):
-                        if t is not None:
-                            t.record_stream(self.streams[i])  # made on another stream, freed here
-                h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
-                h, shortcut = self.step.unit(i, h, shortcut, item.y, make_ctx(item.batch), stats)
-                if i + 1 < self.n:
-                    ready = self._event(self.streams[i] if self.cuda else None)
-                    slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
+        for group in ([(i, it) for i, it in items if i > 0], [(i, it) for i, it in items if i == 0]):
+            if not group:
+                continue
+            ctxs = [make_ctx(item.batch) for _, item in group]
+            units = [i for i, _ in group]
+            with self.step.updates(units, [item.y for _, item in group], ctxs, stats) as pending:
+                self._after_updates(units, pending)
+                for (i, item), ctx in zip(group, ctxs, strict=True):
+                    self._eager_unit(i, item, ctx, stats, slots, pending)
+                self._before_updates(units, pending)
+
+    def _eager_unit(self, i: int, item: _PipeItem, ctx: StepContext, stats, slots, pending) -> None:
+        with self._stream(i):
+            if self.cuda:
+                self.streams[i].wait_event(item.ready)
+                for t in (item.h, item.shortcut, item.y, item.x):
+                    if t is not None:
+                        t.record_stream(self.streams[i])  # made on another stream, freed here
+            h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
+            h, shortcut = self.step.unit(i, h, shortcut, item.y, ctx, stats, pending=pending)
+            if i + 1 < self.n:
+                ready = self._event(self.streams[i] if self.cuda else None)
+                slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
+
+    def _after_updates(self, units: list[int], pending: PendingUpdates | None) -> None:
+        """CUDA, merged updates: the units' streams start after the updates made on the calling stream."""
+        if self.cuda and pending is not None:
+            origin = torch.cuda.current_stream(self.step.device)
+            for i in units:
+                self.streams[i].wait_stream(origin)
+
+    def _before_updates(self, units: list[int], pending: PendingUpdates | None) -> None:
+        """CUDA, merged updates: the calling stream makes the updates once the units' streams are done."""
+        if self.cuda and pending is not None:
+            origin = torch.cuda.current_stream(self.step.device)
+            for i in units:
+                origin.wait_stream(self.streams[i])
 
     # -- captured ticks ----------------------------------------------------------------------------------
     def _allocate(self, slots: list[_PipeItem]) -> list[_TickBuffers]:
@@ -435,23 +539,26 @@ class PipelineRunner:
 
     def _tick(self, src: _TickBuffers, dst: _TickBuffers, ctxs: list[StepContext], stats):
         origin = torch.cuda.current_stream(self.step.device) if self.cuda else None
-        for i in reversed(range(self.n)):
-            if self.cuda:
-                self.streams[i].wait_stream(origin)
-            with self._stream(i):
-                if i == 0:
-                    h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
-                else:
-                    h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
-                h, shortcut = self.step.unit(i, h, shortcut, y, ctxs[i], stats)
-                if i + 1 < self.n:
-                    dst.h[i + 1].copy_(h)
-                    dst.y[i + 1].copy_(y)
-                    if dst.shortcut[i + 1] is not None:
-                        dst.shortcut[i + 1].copy_(shortcut)
-        if self.cuda:
-            for s in self.streams:
-                origin.wait_stream(s)
+        for group in (list(reversed(range(1, self.n))), [0]):  # unit 0 after the others (see _eager_tick)
+            labels = [src.y0 if i == 0 else src.y[i] for i in group]
+            with self.step.updates(group, labels, [ctxs[i] for i in group], stats) as pending:
+                for i in group:
+                    if self.cuda:
+                        self.streams[i].wait_stream(origin)
+                    with self._stream(i):
+                        if i == 0:
+                            h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
+                        else:
+                            h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
+                        h, shortcut = self.step.unit(i, h, shortcut, y, ctxs[i], stats, pending=pending)
+                        if i + 1 < self.n:
+                            dst.h[i + 1].copy_(h)
+                            dst.y[i + 1].copy_(y)
+                            if dst.shortcut[i + 1] is not None:
+                                dst.shortcut[i + 1].copy_(shortcut)
+                if self.cuda:
+                    for i in group:
+                        origin.wait_stream(self.streams[i])
 
     # -- the epoch -----------------------------------------------------------------------------------------
     def run_epoch(self, batches, make_ctx, stats) -> None:
@@ -587,8 +694,10 @@ def run_thread_pipeline(
                 continue  # keep draining so the worker upstream never blocks
             try:
                 h, shortcut, y, ctx = item
-                for i in groups[w]:
-                    h, shortcut = step.unit(i, h, shortcut, y, ctx, stats)
+                units = groups[w]
+                with step.updates(units, [y] * len(units), [ctx] * len(units), stats) as pending:
+                    for i in units:
+                        h, shortcut = step.unit(i, h, shortcut, y, ctx, stats, pending=pending)
                 if w + 1 < n_workers:
                     queues[w + 1].put((h, shortcut, y, ctx))
             except BaseException as exc:  # re-raised in the calling thread
@@ -746,6 +855,7 @@ class Trainer:
             autocast_cache=not self.cuda_graph,
             overlap=cfg.train.parallel == "streams",
             lr_horizon=self.clock.lr_horizon,
+            merge=cfg.train.merge_units,
         )
         self.graphed = None
         self.pipeline = None
@@ -889,25 +999,14 @@ class Trainer:
     ) -> dict[str, Any]:
         """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted,
         and its training accuracy, read back in one transfer."""
-        term_sums = stats.term_sums
-        names = sorted({k for sums in term_sums for k in sums})
-        sources = [term_sums] + ([stats.weighted_sums] if stats.weighted_sums is not None else [])
-        table = torch.full(
-            (len(sources), len(term_sums), max(len(names), 1)), float("nan"), device=self.device
-        )
-        for s, sums_by_unit in enumerate(sources):
-            for i, sums in enumerate(sums_by_unit):
-                for j, k in enumerate(names):
-                    if k in sums:
-                        table[s, i, j] = sums[k] / max(stats.active_steps[i], 1)
-        values, *weighted = table.tolist()
-        if not weighted:  # the weights held for the whole epoch: weighted mean = weight x mean
-            weighted = [[[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]]
+        names, values, weighted = stats.means()
+        if weighted is None:  # the weights held for the whole epoch: weighted mean = weight x mean
+            weighted = [[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]
         acc = (100 * stats.correct / stats.seen.clamp(min=1)).tolist()
         seen_list = stats.seen.tolist()
         for i, row in enumerate(values):
-            for j, v in enumerate(row[: len(names)]):
-                if stats.active_steps[i] and names[j] in term_sums[i] and not math.isfinite(v):
+            for j, v in enumerate(row):
+                if stats.active_steps[i] and names[j] in stats.logged[i] and not math.isfinite(v):
                     raise TrainingDiverged(f"loss term {names[j]!r} of layer {i} is {v} at epoch {epoch}")
 
         def by_term(rows: list[list[float]]) -> dict[str, list[float | None]]:
@@ -915,7 +1014,7 @@ class Trainer:
 
         return {
             "train_loss": by_term(values),
-            "train_loss_weighted": by_term(weighted[0]),
+            "train_loss_weighted": by_term(weighted),
             "schedule_at": self.clock.at(epoch, 0),
             "train_acc": [acc[i] if seen_list[i] else None for i in range(len(acc))],
             "train_time_s": elapsed,
