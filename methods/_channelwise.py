@@ -481,10 +481,9 @@ class _StackLayout:
     channels: torch.Tensor  # [n] float: C of each unit
 
     @staticmethod
-    def of(units: list[ChannelwiseUnit]) -> _StackLayout:
+    def of(units: list[ChannelwiseUnit], c_max: int) -> _StackLayout:
         device = units[0].assignment_logits.device
         sizes = [u.assignment_logits.shape[0] for u in units]
-        c_max = max(sizes)
         rows = torch.cat([torch.arange(c) + i * c_max for i, c in enumerate(sizes)]).to(device)
         mask = (torch.arange(c_max)[None, :] < torch.tensor(sizes)[:, None]).float()[..., None].to(device)
         channels = torch.tensor(sizes, dtype=torch.float32, device=device)
@@ -592,6 +591,7 @@ class ChannelwiseMethod(Method):
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         super().__init__(cfg, info)
         self._layouts: dict[tuple[int, ...], _StackLayout] = {}  # per set of units sharing pieces
+        self._units: list[ChannelwiseUnit] = []  # the network's units (set by build)
 
     def build(self) -> LocalNetwork:
         if self.cfg.model.arch not in CONV_ARCHS:
@@ -603,6 +603,7 @@ class ChannelwiseMethod(Method):
         check_plan(plan, self.cfg.model, self.info, self.params.norm)
         units = [ChannelwiseUnit(spec, self.info.num_classes, self.params) for spec in plan.layers]
         stem = InputLayerNorm() if self.params.input_norm == "layer" else None
+        self._units = units
         return LocalNetwork(units, plan, stem)
 
     def loss_weights(self, at: float) -> dict[str, float]:
@@ -641,7 +642,10 @@ class ChannelwiseMethod(Method):
     def _layout(self, units: list[ChannelwiseUnit]) -> _StackLayout:
         key = tuple(id(u) for u in units)
         if key not in self._layouts:
-            self._layouts[key] = _StackLayout.of(units)
+            # Padded to the network's widest layer, whichever units share a step (a pipeline tick runs a
+            # few): every unit's slice of the stack has one shape, so its sums run the same way each time.
+            widest = max(u.spec.out_channels for u in [*self._units, *units])
+            self._layouts[key] = _StackLayout.of(units, widest)
         return self._layouts[key]
 
     def _shared_assignments(

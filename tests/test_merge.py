@@ -268,3 +268,22 @@ def test_a_checkpoint_of_per_unit_updates_resumes_exactly_under_merged_ones(tiny
         assert torch.equal(value, saved["net"][name]), name
     steps = {int(s["step"]) for o in saved["optimizers"] for s in o["state"].values()}
     assert steps == {3 * 3}  # 3 epochs of 3 batches, each unit's own count carried over the resume
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_shared_pieces_keep_pipeline_and_sequential_training_equal(threads, tiny_config):
+    # A pipeline tick shares the pieces of only the units it runs; padded to the network's widest layer,
+    # each unit's sums run the same way in any company, so the layer-parallel schedule still trains bit for
+    # bit like the sequential one (dropout off: its draws come in another order in a pipeline).
+    common = dict(COMMON, model__arch="resnet17", params__dropout=0.0, train__merge_units="all")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count (sums are ordered by the threads that run them)
+    try:
+        seq, _ = _train(tiny_config("caw_conv", **common), 2)
+        piped, _ = _train(
+            tiny_config("caw_conv", train__parallel="pipeline", train__pipeline_threads=threads, **common), 2
+        )
+    finally:
+        torch.set_num_threads(before)
+    for (name, a), (_, b) in zip(_params(seq), _params(piped), strict=True):
+        assert torch.equal(a, b), name
