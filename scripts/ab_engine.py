@@ -33,6 +33,8 @@ VARIANTS = {  # name -> (config overrides, channels_last on this device)
     "fastdrop": (NO_KEEP, False),  # units unfused (see UNFUSED)
     "fusedact": (NO_KEEP, False),
     "fused": ({}, False),  # every default on
+    "unmerged": ({"train.merge_units": "none"}, False),  # every default but each unit updating on its own
+    "merged_steps": ({"train.merge_units": "steps"}, False),  # merged updates without shared loss pieces
     "plainconv": ({"train.cpu_conv": "plain"}, False),  # every default but the shape-planned CPU convs
     "direct": ({"train.cpu_conv": "direct"}, False),  # planned convs without Winograd
     "cl": ({"train.fused_optimizer": False}, True),
@@ -57,7 +59,8 @@ plain convs), `fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropo
 `plainconv` + glibc keeping freed memory and fused CPU AdamW, `direct` + convs planned by shape
 (`train.cpu_conv=direct`), `fused` every default (+ Winograd for the 3x3 stride-1 convs, `train.cpu_conv=tuned`:
 F(2x2, 3x3) in the block of 2026-11-28 00:30, F(4x4, 3x3) after; blocks before a switch existed call every
-default of their day `fused`);
+default of their day `fused`); `unmerged` every default but `train.merge_units=none` (each unit clips and
+steps on its own, the engine before merged updates), `merged_steps` merged updates without shared loss pieces;
 `standin_caw` is scripts/standin.py, the spec's CAW layer written the plain way. `train.keep_cpu_memory` is
 process-wide, so `plainconv`, `direct` and `fused` run in their own process: compare their img/s with the block before
 on idle cores (each header gives the load average)."""
