@@ -6,7 +6,8 @@ draws differ) for two short epochs on random data in each mode, from the same se
 reports the largest parameter difference to the sequential eager run (default ``train.merge_units=all``).
 Deterministic kernels are asked for, so a difference means the engine changed the maths, not that cuDNN
 picked another algorithm. ``merged_steps_vs_unmerged`` compares ``merge_units=steps`` with ``none`` (equal
-maths, bit for bit on the CPU); ``all`` is not compared with them: its batched loss pieces round
+maths, bit for bit on the CPU; on CUDA each unit's total gradient norm comes from a foreach norm kernel,
+not clip_grad_norm_'s vector_norm, so rounding may differ); ``all`` is not compared with them: its batched loss pieces round
 differently, and under Adam CAW-Conv's exactly uniform initial assignment turns any rounding difference
 into lr-sized first steps (see tests/test_merge.py).
 usage: python scripts/engine_equivalence.py --device cuda [--methods a,b] [--json FILE]
