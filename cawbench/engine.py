@@ -1000,7 +1000,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted,
         and its training accuracy, read back in one transfer."""
-        names, values, weighted = stats.means()
+        names, values, weighted, _ = stats.means()
         if weighted is None:  # the weights held for the whole epoch: weighted mean = weight x mean
             weighted = [[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]
         acc = (100 * stats.correct / stats.seen.clamp(min=1)).tolist()

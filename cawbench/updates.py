@@ -164,6 +164,9 @@ class StepStats:
         self.names: list[str] = []  # the table's columns (the first len(names) of its capacity)
         self.sums = torch.zeros(n_units, TERM_COLUMNS, device=device)
         self.weighted_sums = torch.zeros(n_units, TERM_COLUMNS, device=device) if weighted else None
+        # each term's value on the first batch a unit computed it this epoch (a scale for divergence checks)
+        self.firsts = torch.zeros(n_units, TERM_COLUMNS, device=device)
+        self._first_cells: set[tuple[int, int]] = set()
         self.logged: list[set[str]] = [set() for _ in range(n_units)]  # the terms each unit recorded
         self.correct = torch.zeros(n_units, device=device)
         self.seen = torch.zeros(n_units, device=device)
@@ -216,11 +219,24 @@ class StepStats:
                 scaled.append(_scaled(vector.float(), unit_weights))
         width = self.sums.shape[1]
         index = self._index(("cells", width, *cells), [i * width + j for i, j in cells])
-        self.sums.view(-1).index_add_(0, index, parts[0] if len(parts) == 1 else torch.cat(parts))
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self.sums.view(-1).index_add_(0, index, flat)
+        self._keep_firsts(cells, index, flat)
         if self.weighted_sums is not None:
             self.weighted_sums.view(-1).index_add_(
                 0, index, scaled[0] if len(scaled) == 1 else torch.cat(scaled)
             )
+
+    def _keep_firsts(self, cells: list[tuple[int, int]], index: torch.Tensor, flat: torch.Tensor) -> None:
+        new = [k for k, cell in enumerate(cells) if cell not in self._first_cells]
+        if not new:  # every step after a unit's first in the epoch
+            return
+        if len(new) < len(cells):  # e.g. a pipeline filling up: one more unit's first batch per tick
+            width, fresh = self.sums.shape[1], [cells[k] for k in new]
+            index = self._index(("cells", width, *fresh), [i * width + j for i, j in fresh])
+            flat = flat[self._index(("positions", *new), new)]
+        self.firsts.view(-1).index_copy_(0, index, flat)
+        self._first_cells.update(cells)
 
     def _add_scores(self, scores) -> None:
         groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
@@ -243,7 +259,7 @@ class StepStats:
         if name not in self.names:  # a new term: the next free column (eager steps come before any capture)
             self.names.append(name)
             if len(self.names) > self.sums.shape[1]:
-                self.sums = _widen(self.sums)
+                self.sums, self.firsts = _widen(self.sums), _widen(self.firsts)
                 if self.weighted_sums is not None:
                     self.weighted_sums = _widen(self.weighted_sums)
         return self.names.index(name)
@@ -258,22 +274,25 @@ class StepStats:
         return found
 
     # -- reading
-    def means(self) -> tuple[list[str], list[list[float]], list[list[float]] | None]:
-        """Term names (sorted) and, per unit and term, the mean over the steps the unit trained: unweighted,
-        and weighted when summed every step (else None); NaN where the unit logged no such term. One
-        transfer from the device."""
+    def means(
+        self,
+    ) -> tuple[list[str], list[list[float]], list[list[float]] | None, list[list[float]]]:
+        """Term names (sorted) and, per unit and term: the mean over the steps the unit trained; the
+        weighted mean when summed every step (else None); the value on the unit's first batch of the epoch.
+        NaN where the unit logged no such term. One transfer from the device."""
         steps = torch.tensor([max(a, 1) for a in self.active_steps], dtype=self.sums.dtype)
         tables = [self.sums] + ([self.weighted_sums] if self.weighted_sums is not None else [])
         means = (torch.stack(tables) / steps.to(self.device)[:, None]).tolist()
+        means.append(self.firsts.tolist())
         names = sorted(self.names)
-        columns = [self.names.index(name) for name in names]
+        columns = [self.names.index(name) for name in names]  # capacity past len(names) stays unread
         nan = float("nan")
         tables = [
             [[row[j] if name in self.logged[i] else nan for j, name in zip(columns, names)] for i, row in
              enumerate(table)]
             for table in means
         ]  # fmt: skip
-        return names, tables[0], (tables[1] if len(tables) > 1 else None)
+        return names, tables[0], (tables[1] if len(tables) > 2 else None), tables[-1]
 
 
 #: columns a StepStats table starts with (methods log 1-3 terms; more double it)

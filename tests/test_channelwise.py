@@ -305,7 +305,7 @@ def _one_step_gradients(trainer: Trainer, merge: str, x, y) -> tuple[list[torch.
     torch.manual_seed(5)  # the same dropout draws
     stats = StepStats(len(trainer.units), trainer.device)
     trainer.step(x, y, trainer.schedule_point(30, 0), stats)
-    names, means, _ = stats.means()
+    names, means, _, _ = stats.means()
     return [p.grad.clone() for p in trainer.net.parameters()], {n: [r[j] for r in means] for j, n in
                                                                 enumerate(names)}  # fmt: skip
 

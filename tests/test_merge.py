@@ -131,15 +131,25 @@ def test_step_stats_sum_terms_and_scores_by_hand():
             scores=[(0, right, y), (1, wrong, y)],
         )
         stats.count_step(__import__("cawbench.method", fromlist=["StepContext"]).StepContext(0, 1, step))
-    names, means, weighted = stats.means()
+    names, means, weighted, firsts = stats.means()
     assert names == ["aux", "ce", "reg"]
     nan = float("nan")
     expected = [[nan, 1.5, 0.25], [nan, nan, nan], [4.0, nan, 0.75]]
     expected_weighted = [[nan, 1.5, 0.25 * 1.25], [nan, nan, nan], [4.0, nan, 0.75 * 1.25]]
-    for got, want in ((means, expected), (weighted, expected_weighted)):
+    expected_firsts = [[nan, 1.0, 0.25], [nan, nan, nan], [4.0, nan, 0.75]]  # the first step's values
+    for got, want in ((means, expected), (weighted, expected_weighted), (firsts, expected_firsts)):
         for row, ref in zip(got, want, strict=True):
             assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b) for a, b in zip(row, ref))
     assert stats.correct.tolist() == [6.0, 0.0, 0.0] and stats.seen.tolist() == [6.0, 6.0, 0.0]
+
+
+def test_first_values_are_each_units_first_batch_also_when_units_start_one_by_one():
+    # a pipeline filling up: each tick one more unit computes its first batch beside units seen before
+    stats = StepStats(3, torch.device("cpu"))
+    for tick in range(3):
+        stats.add(terms=[(i, {"ce": torch.tensor(10.0 * i + tick)}, {}) for i in range(tick + 1)])
+    _, _, _, firsts = stats.means()
+    assert [row[0] for row in firsts] == [0.0, 11.0, 22.0]
 
 
 # --------------------------------------------------------------------------------- whole runs
