@@ -581,15 +581,15 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         + (
             "ops counted over one training step after one untimed epoch (`--ops-only`: nothing timed)"
             if args.ops_only
-            else f"{args.steps} batches per timed epoch, {args.warmup} warm-up + {args.repeats} timed repeats "
-            "(median ± (max-min)/median)"
+            else f"{args.steps} batches per timed epoch, {args.warmup} warm-up + {args.repeats} timed "
+            "repeats (median ± (max-min)/median)"
         ),
     ]
     if args.baseline:
         lines.append(
-            f"- `before` columns: ops/step and its ratio from `{args.baseline}` (an earlier run of this command; "
-            f"its command, commit and date are in `{Path(args.baseline).with_suffix('.md')}`), matched by "
-            "method, architecture and width"
+            f"- `before` columns: ops/step and its ratio from `{args.baseline}` (an earlier run of this "
+            f"command; its command, commit and date are in `{Path(args.baseline).with_suffix('.md')}`), "
+            "matched by method, architecture and width"
         )
     if args.note:
         lines.append(f"- note: {args.note}")
@@ -598,8 +598,8 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
     lines += [
         "Ops/step = ATen operations dispatched in one training step (a `TorchDispatchMode` counter; views, "
         "in-place and optimiser ops included; on a GPU each is about one kernel launch); ops/unit = the mean "
-        "over units of the ops inside each unit (forward, losses, backward and, when units update one by one, "
-        "their update); ops shared = the ops outside any unit (the stem and the merged updates of "
+        "over units of the ops inside each unit (forward, losses, backward and, when units update one by "
+        "one, their update); ops shared = the ops outside any unit (the stem and the merged updates of "
         "`train.merge_units`). Backprop references: the twin recipe `<recipe>-<method>` where backprop has "
         "one.",
         "",

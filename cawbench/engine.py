@@ -2,8 +2,8 @@
 
 Per mini-batch every unit runs forward on its detached input, its weighted local loss is backpropagated
 inside the unit only, and its output (computed before the update) feeds the next unit; the units' updates
-(clipping, optimiser steps) follow, all of them at once by default (``train.merge_units``,
-:mod:`cawbench.updates`) (:class:`BatchStep`, the one code path that training and ``cawbench bench`` share). Loss terms and
+(clipping, optimiser steps) follow, all at once by default (``train.merge_units``, :mod:`cawbench.updates`).
+:class:`BatchStep` is the one code path that training and ``cawbench bench`` share. Loss terms and
 accuracies accumulate on the device and are read once per epoch, so there is no host synchronisation
 inside the layer loop. The data stay on the training device; order and augmentation draws move there once
 per epoch. On CUDA: bf16 autocast, channels_last, cuDNN autotuning by default; fused optimisers (CUDA, CPU).
