@@ -3,6 +3,9 @@
 A unit's forward reads only its own parameters, and its output is computed before its update and passed on
 detached; so its update can wait until every other unit of the step has backpropagated, and the units'
 updates can then run as one: the same maths with the same small ops issued once instead of once per unit.
+Executors that interleave batches (the pipeline's ticks, its worker threads) merge the updates of the
+units they run together, which still come before each unit's next forward. :class:`StepStats` also keeps
+each term's value on a unit's first batch of the epoch.
 
 - ``none``: each unit clips (``clip_grad_norm_``) and steps its own optimiser right after its backward.
 - ``steps``: after the step's units have backpropagated, one clipping pass (:func:`clip_grad_norms_`: every
