@@ -7,6 +7,7 @@ applies the very same ops inside one end-to-end module. So every method trains t
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -69,8 +70,13 @@ class ArchPlan:
         ]
 
 
+def _load_method_plans() -> None:
+    """Plans that belong to one method are registered by that method's file (methods/cafo.py: cafo_cnn)."""
+    importlib.import_module("cawbench.methods")
+
+
 ArchBuilder = Callable[[ModelConfig, DataInfo], ArchPlan]
-ARCHS: Registry[ArchBuilder] = Registry("architecture")
+ARCHS: Registry[ArchBuilder] = Registry("architecture", loader=_load_method_plans)
 register_arch = ARCHS.register
 
 
@@ -91,8 +97,9 @@ def _pool_out(size: int, ceil: bool = True) -> int:
     return (size + 1) // 2 if ceil else size // 2
 
 
-def _finish(name: str, info: DataInfo, rows: list[dict]) -> ArchPlan:
-    """Fill in spatial sizes and passed-on channels by walking the plan once; check the wiring adds up."""
+def finish_plan(name: str, info: DataInfo, rows: list[dict]) -> ArchPlan:
+    """A plan from its rows (:class:`LayerSpec` fields but the computed ones), for plan builders: fill in
+    spatial sizes and passed-on channels by walking the plan once; check the wiring adds up."""
     size, channels = info.image_size, info.in_channels
     saved: tuple[int, int] | None = None  # (channels, size) of the shortcut tensor
     layers = []
@@ -193,7 +200,7 @@ def resnet17(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
                 ops = ("cat", "save_pool")
             rows.append(dict(kind="conv", in_channels=channels, out_channels=p, stride=stride, ops_after=ops))
             channels = 2 * p if "cat" in ops else p
-    return _finish("resnet17", info, rows)
+    return finish_plan("resnet17", info, rows)
 
 
 # --------------------------------------------------------------------------------- VGG and TinyCNN
@@ -216,7 +223,7 @@ def _stack(
                 )
             )
             channels = out
-    return _finish(name, info, rows)
+    return finish_plan(name, info, rows)
 
 
 @register_arch("vgg14")
@@ -252,7 +259,7 @@ def tinycnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
         dict(kind="conv", in_channels=scaled(200, w), out_channels=scaled(400, w), pool_before="avg"),
         dict(kind="conv", in_channels=scaled(400, w), out_channels=scaled(400, w)),
     ]
-    return _finish("tinycnn", info, rows)
+    return finish_plan("tinycnn", info, rows)
 
 
 @register_arch("mlp")
@@ -265,68 +272,4 @@ def mlp(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
         width = scaled(h, cfg.width)
         rows.append(dict(kind="linear", in_channels=features, out_channels=width, kernel=1, padding=0))
         features = width
-    return _finish("mlp", info, rows)
-
-
-# --------------------------------------------------------------------------------- CaFo and CwComp
-@register_arch("cafo_cnn")
-def cafo_cnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
-    """CaFo's cascade (baselines.md 3(c)): blocks Conv3x3 (bias) -> ReLU -> MaxPool2 -> BatchNorm (eps 1e-4).
-
-    The BatchNorm comes after the pool, and the pool floors odd sizes like ``nn.MaxPool2d`` (MNIST: 28 -> 14
-    -> 7 -> 3, flattened 6272/6272/4608; CIFAR: 8192 per block). Channels 32 * 4**i times the width;
-    ``model.depth`` is the number of blocks (default 3, the only value the authors' code builds).
-    """
-    blocks = cfg.depth or 3
-    rows, channels = [], info.in_channels
-    for i in range(blocks):
-        out = scaled(32 * 4**i, cfg.width)
-        rows.append(
-            dict(
-                kind="conv", in_channels=channels, out_channels=out, pool_after="max",
-                norm_position="post_pool", norm_eps=1e-4, pool_ceil=False,
-            )
-        )  # fmt: skip
-        channels = out
-    return _finish("cafo_cnn", info, rows)
-
-
-def _cwcomp_rows(info: DataInfo, per_class: list[int], classes: list[int], width: float) -> list[dict]:
-    """CwComp's CFSE stack: layer i has ``classes[i] * per_class[i]`` channels (so every class owns an equal
-    contiguous group); odd layers are grouped convs (groups = that layer's classes) followed by a 2x2
-    max-pool; every layer is conv (bias) -> ReLU -> [pool] -> BatchNorm (eps 1e-4)."""
-    rows, channels = [], info.in_channels
-    for i, (mult, k) in enumerate(zip(per_class, classes, strict=True)):
-        out = k * scaled(mult, width)
-        odd = i % 2 == 1
-        rows.append(
-            dict(
-                kind="conv", in_channels=channels, out_channels=out, groups=k if odd else 1,
-                pool_after="max" if odd else None, norm_position="post_pool", norm_eps=1e-4,
-                pool_ceil=False, class_groups=k,
-            )
-        )  # fmt: skip
-        channels = out
-    return rows
-
-
-@register_arch("cwcomp_cnn")
-def cwcomp_cnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
-    """CwComp's CFSE CNN (baselines.md 4(c)): 20 / 80 / 240 / 480 channels for K = 10 (2 / 8 / 24 / 48 per
-    class, times the width), grouped convs with groups = K and 2x2 max-pools on layers 1 and 3, BatchNorm
-    after the pool. For another K the per-class counts stay, so the channels scale with K."""
-    k = info.num_classes
-    return _finish("cwcomp_cnn", info, _cwcomp_rows(info, [2, 8, 24, 48], [k] * 4, cfg.width))
-
-
-@register_arch("cwcomp_cnn100")
-def cwcomp_cnn100(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
-    """CwComp's CIFAR-100 CFSE CNN (baselines.md 4(c)): 60 / 120 / 240 / 400 / 800 / 1600 channels; the first
-    four layers compete over K/5 superclasses (label // 5), the last two over the K classes; grouped convs
-    (groups 20, 20, 100) and max-pools on layers 1, 3 and 5 (32 -> 4)."""
-    k = info.num_classes
-    if k % 5:
-        raise ConfigError(f"cwcomp_cnn100 needs a class count divisible by 5 (superclasses), got {k}")
-    coarse = k // 5
-    per_class = [60 // 20, 120 // 20, 240 // 20, 400 // 20, 800 // 100, 1600 // 100]
-    return _finish("cwcomp_cnn100", info, _cwcomp_rows(info, per_class, [coarse] * 4 + [k] * 2, cfg.width))
+    return finish_plan("mlp", info, rows)

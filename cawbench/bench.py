@@ -60,10 +60,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cawbench.config import ConfigError, DataConfig, parse_override
-from cawbench.cpu_conv import plain_convs
 from cawbench.data import BatchTransform, DataInfo, PreparedData, Split
-
-REFERENCE = "backprop"
 
 
 # --------------------------------------------------------------------------------- measuring helpers
@@ -97,7 +94,8 @@ class HostReadCounter(TorchDispatchMode):
     """Counts operations that need a tensor's value on the host (``.item()``, ``bool(t)``, ``nonzero``,
     ...): each one is a device synchronisation on a GPU, so a training step should have none. Not counted:
     reads of host tensors by code that only ever reads host tensors: ``torch.optim`` (the step counters the
-    non-fused optimisers keep on the host on purpose) and :mod:`cawbench.fast_dropout` (CPU-only seeds)."""
+    non-fused optimisers keep on the host on purpose) and :func:`cawbench.layers.bulk_uniform` (the seed of a
+    CPU-only dropout draw)."""
 
     OPS = {
         torch.ops.aten._local_scalar_dense.default,
@@ -121,7 +119,11 @@ class HostReadCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-HOST_ONLY_CODE = (f"{os.sep}torch{os.sep}optim{os.sep}", f"{os.sep}cawbench{os.sep}fast_dropout.py")
+#: (file path fragment, function name or None for any) of code that only ever reads host tensors
+HOST_ONLY_CODE = (
+    (f"{os.sep}torch{os.sep}optim{os.sep}", None),
+    (f"{os.sep}cawbench{os.sep}layers.py", "bulk_uniform"),
+)
 
 
 def _host_only_read(args: tuple) -> bool:
@@ -131,7 +133,8 @@ def _host_only_read(args: tuple) -> bool:
     for _ in range(12):
         if frame is None:
             return False
-        if any(part in frame.f_code.co_filename for part in HOST_ONLY_CODE):
+        code = frame.f_code
+        if any(part in code.co_filename and name in (None, code.co_name) for part, name in HOST_ONLY_CODE):
             return True
         frame = frame.f_back
     return False
@@ -172,13 +175,13 @@ class OpCounter(TorchDispatchMode):
         return [self.per_unit.get(i, 0) for i in range(n_units)]
 
 
-def count_step_ops(trainer: Any, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> OpCounter:
-    """The ops of one training step through ``trainer.step`` (the engine's own step, eager)."""
-    from cawbench.engine import StepStats
-
+def count_step_ops(trainer: Any, x: torch.Tensor, y: torch.Tensor) -> OpCounter:
+    """The ops of one training step (the first of epoch 0, into fresh running sums) through
+    ``trainer.step`` (the engine's own step, eager)."""
     counter = OpCounter()
+    state = trainer.step_state(0, 0, trainer.new_stats())
     with _force_eager(), counter:
-        trainer.step(x, y, ctx, StepStats(len(trainer.units), trainer.device), hook=counter.hook)
+        trainer.step(x, y, state, hook=counter.hook)
     return counter
 
 
@@ -259,19 +262,6 @@ def parse_methods(text: str, available: list[str]) -> list[Entry]:
     return entries
 
 
-def check_process_wide(entries: list[Entry], args: argparse.Namespace) -> None:
-    """``train.keep_cpu_memory`` changes malloc for the whole process once any CPU trainer keeps memory, so
-    rows that differ in it cannot be told apart in one bench run: refuse such a mix."""
-    key = "train.keep_cpu_memory"
-    default = dict(parse_override(o) for o in args.set).get(key, True)
-    values = {bool(e.overrides.get(key, default)) for e in entries}
-    if len(values) > 1:
-        raise ConfigError(
-            f"rows differ in {key}, which is process-wide: bench the values in separate runs "
-            f"(e.g. --set {key}=false for all rows)"
-        )
-
-
 def has_recipe(method: str, recipe: str, dataset: str) -> bool:
     from cawbench.method import get_method, recipe_overrides
 
@@ -285,10 +275,13 @@ def has_recipe(method: str, recipe: str, dataset: str) -> bool:
 def twin_recipe(method: str, args: argparse.Namespace) -> str:
     """The backprop recipe a row is compared with: the twin ``<recipe>-<method>`` where backprop has one
     (same network, head and normalisation as the method's recipe), else ``<recipe>``, else the default."""
+    from cawbench.method import reference_method
+
     if args.recipe == "default":
         return "default"
+    reference = reference_method()
     for name in (f"{args.recipe}-{method}", args.recipe):
-        if has_recipe(REFERENCE, name, args.dataset):
+        if has_recipe(reference, name, args.dataset):
             return name
     return "default"
 
@@ -330,7 +323,7 @@ def bench_config(
 
 def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     """Every figure for one configuration (see the module docstring for definitions)."""
-    from cawbench.engine import StepStats, Trainer, resolve_device
+    from cawbench.engine import Trainer, resolve_device
 
     device = resolve_device(cfg.train.device)
     data = random_data(args.input_shape, args.classes, args.batch * args.steps,
@@ -382,22 +375,21 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     batches = trainer._batches("train", 0, train=True)
     x, y = next(batches)
     meter = SavedTensorMeter(parameter_storages(trainer.net))
-    ctx = trainer.schedule_point(0, 0)
-    trainer.step(x, y, ctx, StepStats(len(trainer.units), device), hook=meter.hook)
+    trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()), hook=meter.hook)
     per_unit = meter.unit_bytes()
     row["saved_max_mb"] = max(per_unit, default=0) / 2**20
     row["saved_sum_mb"] = sum(per_unit) / 2**20
     reads = HostReadCounter()
     with reads:
-        trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+        trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
     row["host_reads_per_step"] = reads.count
-    _count_ops(row, trainer, (x, y, ctx))
+    _count_ops(row, trainer, (x, y))
     from torch.utils.flop_counter import FlopCounterMode
 
-    with _force_eager(), plain_convs():  # the direct convolution's FLOPs, whatever algorithm ran
+    with _force_eager():
         counter = FlopCounterMode(display=False)
         with counter:
-            trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+            trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
         row["train_gflop_per_img"] = counter.get_total_flops() / x.shape[0] / 1e9
         xe, _ = next(trainer._batches("test", 0, train=False))
         trainer.net.eval()
@@ -419,7 +411,7 @@ def _count_ops(row: dict[str, Any], trainer: Any, batch: tuple | None = None) ->
     if batch is None:
         trainer.net.train()
         x, y = next(trainer._batches("train", 0, train=True))
-        batch = (x, y, trainer.schedule_point(0, 0))
+        batch = (x, y)
     counter = count_step_ops(trainer, *batch)
     units = counter.unit_counts(len(trainer.units))
     row["ops_per_step"] = counter.total
@@ -563,14 +555,14 @@ def write_reports(rows: list[dict[str, Any]], args: argparse.Namespace, device: 
 
 
 def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> str:
-    from cawbench.engine import _versions
+    from cawbench.engine import software_versions
 
-    versions = _versions()
+    versions = software_versions()
     cudnn = torch.backends.cudnn.version() if device.type == "cuda" else None
     lines = [
         f"# Cost of each method on {describe_device(device)}",
         "",
-        f"- command: `cawbench bench {' '.join(args.argv)}`",
+        f"- command: `{' '.join(['cawbench', *process_args(args), 'bench', *args.argv])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %z')}",
         f"- hardware: {describe_device(device)}",
         f"- versions: cawbench {versions.get('cawbench')} (git {versions.get('git', '?')}), torch "
@@ -613,8 +605,7 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         "at once by a sequential layer-local step), `sum` = all units. Peak MB = max CUDA memory allocated "
         "over the timed training epochs (parameters, optimiser state, resident data included). FLOPs from "
         "`torch.utils.flop_counter.FlopCounterMode` over one training step (forward + the backward work "
-        "really done; convs counted as the direct convolution, so CPU Winograd's fewer multiplies do not lower "
-        "the figure), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
+        "really done), per image; GFLOP/s = that x train img/s. Host reads/step = operations in one training "
         "step that need a value on the host (`.item()`, `bool(t)`, `nonzero`, ...): device syncs on a GPU.",
         "",
     ]
@@ -675,7 +666,7 @@ def add_parser(sub: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from cawbench.engine import resolve_device
-    from cawbench.method import list_methods
+    from cawbench.method import list_methods, reference_method
 
     args.argv = _command_args(args)
     args.input_shape = parse_input(args.input)
@@ -685,9 +676,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     entries = parse_methods(args.methods, list_methods())
-    check_process_wide(entries, args)
     # Plain backprop rows first: they are the references of the rows after them.
-    entries.sort(key=lambda e: not (e.method == REFERENCE and not e.overrides))
+    reference = reference_method()  # backprop
+    entries.sort(key=lambda e: not (e.method == reference and not e.overrides))
     device = resolve_device(args.device)
     print(f"bench on {describe_device(device)}: {', '.join(e.label for e in entries)}", flush=True)
     baseline = load_baseline(Path(args.baseline)) if args.baseline else None
@@ -696,16 +687,16 @@ def run_bench(args: argparse.Namespace) -> int:
     for entry in entries:
         rows.append(_measure_entry(entry, args))
         model_key = rows[-1].get("model_key")
-        if entry.method == REFERENCE and not entry.overrides:
-            own = args.recipe if has_recipe(REFERENCE, args.recipe, args.dataset) else "default"
+        if entry.method == reference and not entry.overrides:
+            own = args.recipe if has_recipe(reference, args.recipe, args.dataset) else "default"
             rows[-1]["ref_key"] = (model_key, own)
             refs.setdefault(rows[-1]["ref_key"], rows[-1])
         elif model_key is not None:
             recipe = twin_recipe(entry.method, args)
             key = rows[-1]["ref_key"] = (model_key, recipe)
             if not args.no_reference and key not in refs:
-                label = f"{REFERENCE} (ref)" if recipe == args.recipe else f"{REFERENCE} (ref, {recipe})"
-                ref = _measure_entry(Entry(label, REFERENCE, {}), args, rows[-1]["model"], recipe)
+                label = f"{reference} (ref)" if recipe == args.recipe else f"{reference} (ref, {recipe})"
+                ref = _measure_entry(Entry(label, reference, {}), args, rows[-1]["model"], recipe)
                 ref["ref_key"] = key
                 refs[key] = ref
                 rows.append(ref)
@@ -792,6 +783,13 @@ def _command_args(args: argparse.Namespace) -> list[str]:
     if args.ops_only:
         out.append("--ops-only")
     return out
+
+
+def process_args(args: argparse.Namespace) -> list[str]:
+    """The process options of the command (``cawbench --threads N --no-keep-cpu-memory bench ...``)."""
+    threads = getattr(args, "process_threads", None)
+    out = [f"--threads {threads}"] if threads is not None else []
+    return out + ([] if getattr(args, "keep_cpu_memory", True) else ["--no-keep-cpu-memory"])
 
 
 def iter_rows(path: Path) -> Iterator[dict[str, str]]:

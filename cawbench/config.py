@@ -8,9 +8,11 @@ field's type or rejected with the field named, and every section checks its own 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,10 +27,32 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ sections
+ENGINE_ONLY = "engine_only"  # field metadata key: the field never changes a run's numbers
+
+
+def engine_only(default: Any) -> Any:
+    """A config field that leaves the maths alone (an execution mode with the sequential updates, a time
+    limit, where files go, progress display): :meth:`RunConfig.config_hash` leaves it out, so switching it
+    keeps a run's hash (and its checkpoint resumable). Methods' ``Config`` fields may use it too."""
+    return field(default=default, metadata={ENGINE_ONLY: True})
+
+
+def hashed_fields(obj: Any) -> Any:
+    """``to_plain(obj)`` without the fields marked :func:`engine_only`, at any depth."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: hashed_fields(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get(ENGINE_ONLY)
+        }
+    return to_plain(obj)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "fashion-mnist"
-    data_dir: str | None = None  # None: $CAWBENCH_DATA, then known system locations, then download
+    # None: $CAWBENCH_DATA, then known system locations, then download
+    data_dir: str | None = engine_only(None)
     val_size: float | None = (
         None  # images held out of train for selection; <1 means a fraction; None: default
     )
@@ -49,7 +73,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{name} must be a positive integer or null, got {value!r}")
-        if self.val_size is not None and self.val_size < 0:
+        if self.val_size is not None and not (self.val_size >= 0 and math.isfinite(self.val_size)):
             raise ConfigError(
                 f"data.val_size must be >= 0 (a count, or a fraction < 1), got {self.val_size!r}"
             )
@@ -64,8 +88,10 @@ class ModelConfig:
     hidden: tuple[int, ...] | None = None  # MLP hidden sizes; None: the architecture's default
 
     def __post_init__(self) -> None:
-        if not self.width > 0:
-            raise ConfigError(f"model.width must be > 0, got {self.width!r}")
+        if not (self.width > 0 and math.isfinite(self.width)):
+            raise ConfigError(
+                f"model.width must be a finite number > 0 (1.0 = the paper's widths), got {self.width!r}"
+            )
         if self.depth is not None and self.depth < 1:
             raise ConfigError(f"model.depth (blocks per stage) must be >= 1, got {self.depth!r}")
         if self.base_planes is not None and self.base_planes < 1:
@@ -89,8 +115,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, ("adam", "adamw", "sgd"))
         _check_choice("optim.scheduler", self.scheduler, ("none", "cosine", "linear_cooldown"))
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr!r}")
         if self.weight_decay < 0 or self.lr_min < 0:
             raise ConfigError("optim.weight_decay and optim.lr_min must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -124,20 +150,16 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile each unit
     parallel: str = "off"  # off | pipeline | streams (layer-parallel modes, same maths as sequential)
-    pipeline_threads: int = 1  # CPU pipeline: >1 = that many single-threaded workers over unit groups
-    cuda_graph: bool = False  # CUDA only: capture the whole training step once per epoch and replay it
-    fast_dropout: bool = True  # CPU: bulk-drawn dropout masks, fused ReLU-dropout-pooling (another stream)
-    # CPU: tuned (conv kernels/layout picked by shape, Winograd included; cawbench.cpu_conv) | direct (the same
-    # without Winograd: direct sums only) | plain (PyTorch's own conv)
-    cpu_conv: str = "tuned"
-    keep_cpu_memory: bool = True  # CPU (glibc): keep freed memory for reuse, no page faults on big tensors
-    fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them (CPU too), same rule
+    pipeline_threads: int = engine_only(1)  # CPU pipeline: >1 = that many single-threaded workers over groups
+    cuda_graph: bool = engine_only(False)  # CUDA only: capture the whole training step once per epoch, replay
+    fused_optimizer: bool = engine_only(True)  # fused Adam/AdamW/SGD kernels where torch has them (CPU too)
     # How the units of a step update (cawbench.updates): none = each right after its backward | steps = all
     # at once (one clipping pass, one optimiser call per optimiser kind, one stats update; bit for bit none
     # on the CPU) | all = steps + the loss pieces a method computes for all its units together (equal maths,
-    # float rounding of batched sums aside)
-    merge_units: str = "all"
-    time_limit_s: float | None = None  # stop after the epoch that would overrun this; row marked truncated
+    # float rounding of batched sums aside). Not hashed: an execution mode with the sequential maths.
+    merge_units: str = engine_only("all")
+    # stop after the epoch that would overrun this; the row is marked truncated (and can be resumed)
+    time_limit_s: float | None = engine_only(None)
     # Drive every epoch-indexed schedule (LR, temperature decay, ortho warm-up, CwComp's layer windows) by
     # training progress mapped onto the reference horizon, updated every step: a 3-epoch run passes through
     # the phases of the 150-epoch recipe. Off: the released per-epoch schedules over this run's epochs.
@@ -146,8 +168,8 @@ class TrainConfig:
         None  # reference horizon; None: the recipe's train.epochs, else train.epochs
     )
     eval_test_every_epoch: bool = True  # needed for the best-epoch columns
-    checkpoint: bool = True
-    progress: bool = True
+    checkpoint: bool = engine_only(True)
+    progress: bool = engine_only(True)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -157,7 +179,6 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
-        _check_choice("train.cpu_conv", self.cpu_conv, ("tuned", "direct", "plain"))
         _check_choice("train.merge_units", self.merge_units, ("none", "steps", "all"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
@@ -165,6 +186,12 @@ class TrainConfig:
             raise ConfigError(f"train.schedule_epochs must be >= 1 or null, got {self.schedule_epochs!r}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ConfigError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s!r}")
+
+
+#: Switches that are gone but were hashed, with the value every run now has: hashed as before, so the
+#: hashes (checkpoints, run names) of configurations made before their removal stay valid.
+#: ``train.fast_dropout`` (on by default): dropout is now always the channel-wise layer's bulk-drawn kind.
+RETIRED_HASHED: dict[str, dict[str, Any]] = {"train": {"fast_dropout": True}}
 
 
 @dataclass(frozen=True)
@@ -183,31 +210,22 @@ class RunConfig:
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     params: Any = field(default_factory=EmptyParams)  # the method's own frozen dataclass
-    out_dir: str = "runs"
-    run_name: str | None = None
+    out_dir: str = engine_only("runs")
+    run_name: str | None = engine_only(None)
+
+    def __post_init__(self) -> None:
+        if self.run_name is not None:
+            check_run_name(self.run_name)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(self)
 
     def config_hash(self) -> str:
-        """Hash of everything that can change the numbers (not where files go or how progress shows)."""
-        d = self.to_dict()
-        for key in ("out_dir", "run_name"):
-            d.pop(key, None)
-        d["data"].pop("data_dir", None)
-        d["train"].pop("progress", None)
-        d["train"].pop("checkpoint", None)
-        # Engine-only knobs that leave the maths alone; a time-limited run can be resumed to completion.
-        for key in (
-            "cuda_graph",
-            "fused_optimizer",
-            "time_limit_s",
-            "pipeline_threads",
-            "keep_cpu_memory",
-            "cpu_conv",
-            "merge_units",
-        ):
-            d["train"].pop(key, None)
+        """Hash of everything that can change the numbers: every field but those marked :func:`engine_only`
+        (how the run executes, where it writes, how progress shows)."""
+        d = hashed_fields(self)
+        for section, retired in RETIRED_HASHED.items():
+            d[section].update(retired)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -220,6 +238,17 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def check_run_name(name: str) -> None:
+    """A run name is a folder path under OUT_DIR/runs: relative, without ``..`` or empty parts (studies
+    use ``<study>/<trial>``), so that a run never writes outside its --out-dir."""
+    parts = name.replace("\\", "/").split("/")
+    if not name.strip() or name.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(
+            f"run_name={name!r} must be a relative folder path under OUT_DIR/runs (parts joined by '/', none "
+            "empty, '.' or '..'; no leading '/' or '~'), so that the run stays inside --out-dir"
+        )
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
@@ -317,11 +346,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ConfigError(f"{where} expects a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -376,6 +403,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {str(path)!r} is not a text (YAML) file; give a .yaml config"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data

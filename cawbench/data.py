@@ -473,6 +473,21 @@ def random_crop_flip(
     return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
+def check_labels(raw: RawDataset, name: str) -> None:
+    """Every label must be a class index in [0, K): a file with others is not this dataset (or is corrupt),
+    and would otherwise fail deep inside a loss function."""
+    k = raw.num_classes
+    for split, labels in (("training", raw.train_y), ("test", raw.test_y)):
+        bad = (labels < 0) | (labels >= k)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            values = sorted({int(v) for v in labels[bad][:1000].tolist()})[:5]
+            raise DataError(
+                f"{raw.source}: {int(bad.sum())} {split} label(s) of {name} are outside [0, {k}) (e.g. "
+                f"{values}; first at index {first}); the label file is corrupt or belongs to another dataset"
+            )
+
+
 def _split_size(val_size: float, n: int) -> int:
     size = int(round(val_size * n)) if 0 < val_size < 1 else int(val_size)
     if not 0 <= size < n:
@@ -484,12 +499,18 @@ def prepare_data(cfg: DataConfig, device: torch.device | str = "cpu") -> Prepare
     """Load, split (seeded) and subset a dataset; move it to ``device`` when it is to stay resident."""
     loader = DATASETS.get(cfg.name)
     raw = loader(_explicit_root(cfg.data_dir), cfg)
+    check_labels(raw, cfg.name)
     n = len(raw.train_y)
     n_val = _split_size(cfg.val_size if cfg.val_size is not None else raw.default_val_size, n)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
     val_idx, train_idx = order[:n_val], order[n_val:]
     if cfg.subset is not None:
         train_idx = train_idx[: cfg.subset]
+    if len(train_idx) < 2:
+        raise DataError(
+            f"{len(train_idx)} training image(s) left (data.subset={cfg.subset}, {n_val} of {n} held out for "
+            "validation); training needs at least 2 (BatchNorm normalises over a batch): raise data.subset"
+        )
     if cfg.val_subset is not None:
         val_idx = val_idx[: cfg.val_subset]
     test_x, test_y = raw.test_x, raw.test_y
@@ -525,6 +546,17 @@ def prepare_data(cfg: DataConfig, device: torch.device | str = "cpu") -> Prepare
     )
 
 
+def batch_bounds(n: int, batch_size: int, train: bool) -> list[tuple[int, int]]:
+    """(start, stop) of each batch. In training, a last batch of a single image is merged into the batch
+    before it (one batch of ``batch_size + 1``): BatchNorm cannot normalise one image, and dropping it would
+    lose an image every epoch. Deterministic and the same for every method; evaluation batches are plain
+    slices of ``batch_size``."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if train and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def iterate_batches(
     split: Split,
     batch_size: int,
@@ -535,7 +567,8 @@ def iterate_batches(
     seed: int = 0,
     epoch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) on ``device``. Training order and augmentation depend only on (seed, epoch).
+    """Yield (x, y) on ``device``. Training order and augmentation depend only on (seed, epoch); batches
+    follow :func:`batch_bounds` (a last training batch of one image joins the one before it).
 
     The epoch's order (and its crop/flip draws) are drawn on the CPU, as always, and moved to the data's
     device once per epoch; evaluation batches are plain slices. So a resident dataset costs no host to
@@ -544,17 +577,14 @@ def iterate_batches(
     where = split.x.device
     order = None
     crops: CropDraws | None = None
+    bounds = batch_bounds(n, batch_size, train)
     if train:
         order = torch.randperm(n, generator=epoch_generator(seed, epoch, "cpu")).to(where)
         if transform.augment == "crop_flip":
             aug_gen = epoch_generator(seed + 1, epoch, "cpu")
-            per_batch = [
-                draw_crop_flip(min(batch_size, n - s), transform.padding, aug_gen)
-                for s in range(0, n, batch_size)
-            ]
+            per_batch = [draw_crop_flip(stop - start, transform.padding, aug_gen) for start, stop in bounds]
             crops = tuple(torch.cat([b[k] for b in per_batch]).to(device) for k in range(3))  # type: ignore[assignment]
-    for start in range(0, n, batch_size):
-        stop = start + batch_size
+    for start, stop in bounds:
         if order is None:
             x, y = split.x[start:stop], split.y[start:stop]
         else:

@@ -189,6 +189,23 @@ class Method:
     #: dotted-key overrides that make a seconds-long CPU run on the `synthetic` dataset (contract tests)
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.width": 0.1}
 
+    # -- how the method is compared and reported (read through :func:`method_report_info`)
+    #: the name reports show (default: the registered name)
+    report_label: ClassVar[str | None] = None
+    #: its place in tables, smaller first; from TAIL_ORDER on its configurations come after a study's own
+    #: variants (DeeperForward, the far end of the ablation ladder; the backprop reference)
+    report_order: ClassVar[int] = 500
+    #: how paper tables (``studies/paper_results.csv``) name it, matched ignoring case and punctuation
+    #: (default: its label)
+    paper_names: ClassVar[tuple[str, ...]] = ()
+    #: the end-to-end backprop reference every other method is compared with (exactly one method)
+    end_to_end: ClassVar[bool] = False
+    #: the reference's recipe that trains this method's network end to end (its BP twin), if any
+    bp_twin: ClassVar[str | None] = None
+    #: recipes this method brings for the reference: its BP twins, recipe -> dataset -> overrides of the
+    #: reference's config (e.g. ``{"paper-ff": {...}}``); they join the reference's recipes on registration
+    bp_twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
         self.cfg = cfg
         self.params = cfg.params
@@ -232,32 +249,99 @@ class Method:
         """Hook after the epoch's updates, before evaluation."""
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+def _load_methods() -> None:
+    importlib.import_module("cawbench.methods")  # imports every module in methods/
+
+
+METHODS: Registry[type[Method]] = Registry("method", loader=_load_methods)
+#: recipe name -> (the method that declared it, its dataset table): recipes of the reference method that
+#: other methods bring (their BP twins), so the reference's file names no other method
+TWIN_RECIPES: Registry[tuple[str, dict[str, dict[str, Any]]]] = Registry("BP twin recipe")
 
 
 def register_method(name: str):
+    """Class decorator: register a :class:`Method` under ``name``, with the BP twin recipes it declares."""
+
     def decorate(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise TypeError(f"@register_method({name!r}) must decorate a Method subclass")
         METHODS.add(name, cls)
         cls.name = name
+        for recipe, table in cls.bp_twin_recipes.items():
+            TWIN_RECIPES.add(recipe, (name, table))
         return cls
 
     return decorate
 
 
-def _load_methods() -> None:
-    importlib.import_module("cawbench.methods")  # imports every module in methods/
+def unregister_method(name: str) -> None:
+    """Remove a method and the twin recipes it brought (test-only methods)."""
+    METHODS.remove(name)
+    for recipe in [r for r in TWIN_RECIPES.names() if TWIN_RECIPES.get(r)[0] == name]:
+        TWIN_RECIPES.remove(recipe)
 
 
 def get_method(name: str) -> type[Method]:
-    _load_methods()
     return METHODS.get(name)
 
 
 def list_methods(filter: str = "*") -> list[str]:
-    _load_methods()
     return METHODS.names(filter)
+
+
+def reference_method() -> str:
+    """The name of the end-to-end reference method (the one with ``end_to_end = True``: backprop)."""
+    found = [n for n in METHODS.names() if METHODS.get(n).end_to_end]
+    if len(found) != 1:
+        raise ConfigError(
+            f"exactly one method must be the reference (end_to_end = True); found {found or 'none'}"
+        )
+    return found[0]
+
+
+def recipes_of(method: type[Method]) -> dict[str, dict[str, dict[str, Any]]]:
+    """A method's recipes: its own, and for the reference method also the BP twins other methods declare."""
+    table = dict(method.recipes)
+    if method.end_to_end:
+        METHODS.names()  # every method file imported: their twins registered
+        for recipe in TWIN_RECIPES.names():
+            owner, twin = TWIN_RECIPES.get(recipe)
+            if recipe in table:
+                raise ConfigError(
+                    f"method {owner!r} declares BP twin recipe {recipe!r}, which {method.name!r} has"
+                )
+            table[recipe] = twin
+    return table
+
+
+#: report orders from this on sort after a study's own variants (ladder end, the reference)
+TAIL_ORDER = 900
+#: the order of a method that is not registered here (rows from another version of the suite)
+UNKNOWN_ORDER = 500
+
+
+@dataclass(frozen=True)
+class MethodReportInfo:
+    """How reports name, order and pair a method (the :class:`Method` attributes of the same meaning)."""
+
+    name: str  # the registered name
+    label: str  # display name, e.g. "CAW-Conv"
+    order: int  # position in tables (lower first); >= TAIL_ORDER: after every other configuration
+    bp_twin: str | None  # the reference's recipe that trains the same network; None for the reference
+    paper_names: tuple[str, ...] = ()  # names of the method in paper_results.csv
+    end_to_end: bool = False  # the backprop reference itself (the twin of the others)
+
+
+def method_report_info(name: str) -> MethodReportInfo:
+    """The report metadata of method ``name``, from its class. A name that is not registered (rows from
+    another version of the suite) gets its name as label and a middle position."""
+    if name not in METHODS:
+        return MethodReportInfo(name, name, UNKNOWN_ORDER, None, (), False)
+    cls = METHODS.get(name)
+    label = cls.report_label or name
+    return MethodReportInfo(
+        name, label, int(cls.report_order), cls.bp_twin, tuple(cls.paper_names) or (label,), cls.end_to_end
+    )
 
 
 # --------------------------------------------------------------------------------- config resolution
@@ -271,10 +355,11 @@ def default_config_dict(method: type[Method]) -> dict[str, Any]:
 def recipe_overrides(method: type[Method], recipe: str, dataset: str) -> dict[str, Any]:
     if recipe == "default":
         return {}
-    if recipe not in method.recipes:
-        names = ", ".join(["default", *sorted(method.recipes)])
+    recipes = recipes_of(method)
+    if recipe not in recipes:
+        names = ", ".join(["default", *sorted(recipes)])
         raise ConfigError(f"method {method.name!r} has no recipe {recipe!r}; recipes: {names}")
-    table = method.recipes[recipe]
+    table = recipes[recipe]
     if dataset not in table:
         raise ConfigError(
             f"method {method.name!r} has no {recipe!r} recipe for dataset {dataset!r}; "

@@ -32,13 +32,41 @@ class Readout:
     fit: Callable[[ReadoutContext], dict[str, Any]]  # -> JSON-able state
     combine: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]  # ([L, N, K], state) -> [N, K]
     description: str = ""
+    # Whether fitting it needs validation images under this config (else it fits on nothing or on training)
+    uses_validation: Callable[[ReadoutConfig], bool] = lambda cfg: False
 
 
 READOUTS: Registry[Readout] = Registry("readout")
 
 
-def add_readout(name: str, fit: Callable, combine: Callable, description: str = "") -> None:
-    READOUTS.add(name, Readout(name, fit, combine, description))
+def add_readout(
+    name: str,
+    fit: Callable,
+    combine: Callable,
+    description: str = "",
+    uses_validation: Callable[[ReadoutConfig], bool] | None = None,
+) -> None:
+    READOUTS.add(name, Readout(name, fit, combine, description, uses_validation or (lambda cfg: False)))
+
+
+def check_readouts(cfg: ReadoutConfig, n_val: int, val_size: Any = None) -> None:
+    """Every configured readout exists, and none that is fitted on validation runs without validation images
+    (it would silently keep its initial choice)."""
+    names = list(dict.fromkeys((cfg.name, *cfg.extra)))
+    readouts = [get_readout(name) for name in names]  # unknown names fail before any work
+    if n_val > 0:
+        return
+    for readout in readouts:
+        if readout.uses_validation(cfg):
+            free = [n for n in list_readouts() if not get_readout(n).uses_validation(cfg)]
+            if cfg.lcs_signal == "val":
+                free.append("lcs with readout.lcs_signal=train")
+            shown = f"{val_size:g}" if isinstance(val_size, (int, float)) else val_size
+            raise ConfigError(
+                f"data.val_size={shown} leaves no validation images, but readout {readout.name!r} is fitted "
+                f"on validation; set data.val_size > 0 (a count, or a fraction < 1), or choose a readout that "
+                f"is not: {', '.join(free)}"
+            )
 
 
 def list_readouts(filter: str = "*") -> list[str]:
@@ -117,7 +145,11 @@ def _fit_sip(ctx: ReadoutContext) -> dict[str, Any]:
 
 
 add_readout(
-    "sip", _fit_sip, lambda s, st: s[st["start"] : st["end"] + 1].sum(0), "best contiguous range on val"
+    "sip",
+    _fit_sip,
+    lambda s, st: s[st["start"] : st["end"] + 1].sum(0),
+    "best contiguous range on val",
+    uses_validation=lambda cfg: True,
 )
 
 
@@ -143,7 +175,13 @@ def _combine_lcs(scores: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
     return (w[:, None, None] * scores).sum(0)
 
 
-add_readout("lcs", _fit_lcs, _combine_lcs, "layers weighted by softmax(-mean layer CE)")
+add_readout(
+    "lcs",
+    _fit_lcs,
+    _combine_lcs,
+    "layers weighted by softmax(-mean layer CE)",
+    uses_validation=lambda cfg: cfg.lcs_signal == "val",
+)
 
 
 # --------------------------------------------------------------------------------- probability sum

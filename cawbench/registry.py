@@ -23,9 +23,22 @@ class RegistryError(KeyError):
 class Registry(Generic[T]):
     """A named collection of builders/objects of one kind (methods, datasets, architectures, readouts)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, loader: Callable[[], object] | None = None) -> None:
+        """``loader``: called before the first lookup, to import the modules that register entries (e.g.
+        every method file, which also registers the architecture plans it brings)."""
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._loader = loader
+        self._loaded = loader is None
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True  # first: a module being imported may look entries up itself
+            try:
+                self._loader()
+            except BaseException:
+                self._loaded = False
+                raise
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REG.register("name")``. Fails if the name is taken."""
@@ -44,6 +57,7 @@ class Registry(Generic[T]):
         self._items[name] = obj
 
     def get(self, name: str) -> T:
+        self._load()
         try:
             return self._items[name]
         except KeyError:
@@ -52,16 +66,25 @@ class Registry(Generic[T]):
 
     def names(self, filter: str = "*", exclude: str | None = None) -> list[str]:
         """Sorted names matching an fnmatch pattern (and not matching ``exclude``)."""
+        self._load()
         out = [n for n in self._items if fnmatch.fnmatch(n, filter)]
         if exclude:
             out = [n for n in out if not fnmatch.fnmatch(n, exclude)]
         return sorted(out)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load()
         return len(self._items)
+
+    def remove(self, name: str) -> None:
+        """Take an entry out again (for test-only entries); unknown names are an error."""
+        if name not in self._items:
+            raise RegistryError(f"{self.kind} {name!r} is not registered")
+        del self._items[name]

@@ -21,6 +21,8 @@ walks from one to the other one switch at a time. Gradient clipping is ``optim.g
 Implementation notes (why, not what):
 - The passed-on tensor z is normalised from ``y.detach()``: the engine detaches it anyway and no loss
   depends on it, so building its autograd graph would only cost time and memory.
+- ReLU, dropout and pooling are one layer (:class:`cawbench.layers.ReluDropoutPool`): in CPU training one
+  autograd node with bulk-drawn dropout masks, the plain composition elsewhere; equal either way.
 - The assignment A is computed once per forward and handed to ``local_losses`` in ``extras``, so the
   regularisers never recompute the softmax; the temperature's per-epoch decay lives in a buffer so that no
   host synchronisation happens inside the layer loop and checkpoints carry it.
@@ -49,7 +51,7 @@ from torch import nn
 from cawbench.archs import ArchPlan, LayerSpec, build_plan
 from cawbench.config import ConfigError, ModelConfig, RunConfig
 from cawbench.data import DataInfo
-from cawbench.fast_dropout import BulkDropout, bulk_uniform, keep_threshold
+from cawbench.layers import MEAN_POOL, ReluDropoutPool, channel_pool
 from cawbench.method import (
     Gathered,
     Handoff,
@@ -247,101 +249,14 @@ def contiguous_assignment(channels: int, num_classes: int) -> torch.Tensor:
     return F.one_hot(owner, num_classes).float()
 
 
-class _MixPool(torch.autograd.Function):
-    """a * mean + b * max - d * min over the last dim of [B, C, HW], with a hand-written backward.
-
-    The extremes' gradient goes to one position each (the first maximal/minimal one, like ``torch.max``
-    along a dim): the backward is one broadcast write plus two [B, C] scatters, ~3x cheaper on CPU than
-    autograd through ``amax``/``amin`` (which builds equality masks and tie counts).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, flat: torch.Tensor, a: float, b: float, d: float) -> torch.Tensor:
-        high, at_high = flat.max(-1)
-        low, at_low = flat.min(-1)
-        ctx.save_for_backward(at_high, at_low)
-        ctx.shape, ctx.coef = flat.shape, (a, b, d)
-        return a * flat.mean(-1) + b * high - d * low
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        at_high, at_low = ctx.saved_tensors
-        a, b, d = ctx.coef
-        positions = ctx.shape[-1]
-        out = ((a / positions) * grad).unsqueeze(-1).expand(ctx.shape).contiguous()
-        out.scatter_add_(-1, at_high.unsqueeze(-1), (b * grad).unsqueeze(-1))
-        out.scatter_add_(-1, at_low.unsqueeze(-1), (-d * grad).unsqueeze(-1))
-        return out, None, None, None
+def pool_coefficients(cfg: ChannelwiseConfig) -> tuple[float, float, float]:
+    """(a, b, d) of the pooled activity a * mean + b * max - d * min (``mean`` pooling: the mean alone)."""
+    return MEAN_POOL if cfg.pooling == "mean" else (cfg.pool_mean, cfg.pool_max, cfg.pool_min)
 
 
 def pooled_activity(y: torch.Tensor, cfg: ChannelwiseConfig) -> torch.Tensor:
     """Per-channel pooled activity [B, C] of y [B, C, H, W]: the mean, or the mean/max/min mix."""
-    flat = y.flatten(2)
-    if cfg.pooling == "mean":
-        return flat.mean(-1)
-    return _MixPool.apply(flat, cfg.pool_mean, cfg.pool_max, cfg.pool_min)
-
-
-class _FusedActivity(torch.autograd.Function):
-    """ReLU, dropout and pooling of a conv output z in one autograd node (the CPU training path).
-
-    Forward: y = scale * ReLU(z) where the draw u > threshold, else 0; pooled as :func:`pooled_activity`.
-    Backward: dL/dz = scale * [y > 0] * dL/dy, with dL/dy the pooling's gradient (a/HW everywhere, plus b and
-    -d at the first maximal and minimal positions), in one ``threshold_backward`` pass plus two [B, C]
-    scatters. ``y > 0`` is exactly "z > 0 and kept", so y is the only full-size tensor saved; the unfused
-    chain (ReLU, dropout's boolean select, :class:`_MixPool`) makes several more full passes and saves two
-    (ReLU's output and the keep mask). Timed in ``reports/bench/cpu-engine-ab.md`` (``fusedact``).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, z: torch.Tensor, u: torch.Tensor, threshold: float, scale: float, coef: tuple[float, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # z where kept, else 0, written over the draws u (no second full-size buffer)
-        y = torch.ops.aten.threshold_backward.grad_input(z, u, threshold, grad_input=u)
-        y.clamp_min_(0).mul_(scale)
-        flat = y.flatten(2)
-        a, b, d = coef
-        if b == 0 and d == 0:
-            pooled = flat.mean(-1) if a == 1 else a * flat.mean(-1)
-            ctx.save_for_backward(y)
-        else:
-            high, at_high = flat.max(-1)
-            low, at_low = flat.min(-1)
-            pooled = a * flat.mean(-1) + b * high - d * low
-            ctx.save_for_backward(y, at_high, at_low, high > 0, low > 0)
-        ctx.scale, ctx.coef = scale, coef
-        ctx.mark_non_differentiable(y)
-        return pooled, y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_y: Any) -> tuple[torch.Tensor, None, None, None, None]:
-        y, *extremes = ctx.saved_tensors
-        a, b, d = ctx.coef
-        flat = y.flatten(2)
-        spread = grad * (ctx.scale * a / flat.shape[-1])
-        grad_z = torch.ops.aten.threshold_backward(spread.unsqueeze(-1).expand(flat.shape), flat, 0)
-        if extremes:
-            at_high, at_low, high_live, low_live = extremes
-            # a ReLU'd or dropped extreme (y = 0) passes no gradient, as the mask above would do
-            grad_z.scatter_add_(-1, at_high.unsqueeze(-1), (grad * (ctx.scale * b) * high_live).unsqueeze(-1))
-            grad_z.scatter_add_(-1, at_low.unsqueeze(-1), (grad * (-ctx.scale * d) * low_live).unsqueeze(-1))
-        return grad_z.view(y.shape), None, None, None, None
-
-
-def _fusable(z: torch.Tensor) -> bool:
-    """The fused path draws float32 uniforms on the CPU (bf16 draws would round p to 1/128)."""
-    return z.device.type == "cpu" and z.dtype == torch.float32
-
-
-def fused_activity(
-    z: torch.Tensor, dropout: BulkDropout, cfg: ChannelwiseConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled [B, C], y) of a conv output z, as ``pooled_activity(dropout(relu(z)), cfg)`` and that y, with
-    the same random draws as ``dropout`` (a :class:`BulkDropout` in training mode, on the CPU)."""
-    u = bulk_uniform(z.shape)
-    coef = (1.0, 0.0, 0.0) if cfg.pooling == "mean" else (cfg.pool_mean, cfg.pool_max, cfg.pool_min)
-    return _FusedActivity.apply(z, u, keep_threshold(dropout.p), 1.0 / (1.0 - dropout.p), coef)
+    return channel_pool(y, pool_coefficients(cfg))
 
 
 # --------------------------------------------------------------------------------- the unit
@@ -365,10 +280,8 @@ class ChannelwiseUnit(LocalUnit):
         )
         if cfg.conv_init == "kaiming":
             nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        self.dropout = nn.Dropout(cfg.dropout)
-        # With the engine's CPU BulkDropout in place, training takes the one-node ReLU-dropout-pooling path
-        # (_FusedActivity: same outputs, same draws); False forces the unfused chain (tests, A/B benches).
-        self.fused = True
+        # ReLU -> dropout -> pooling (one autograd node on the CPU; see cawbench.layers.ReluDropoutPool)
+        self.activity = ReluDropoutPool(cfg.dropout, pool_coefficients(cfg))
         self.learnable = cfg.assignment == "learnable"
         if self.learnable:
             self.assignment_logits = nn.Parameter(torch.full((channels, num_classes), cfg.assignment_init))
@@ -405,12 +318,7 @@ class ChannelwiseUnit(LocalUnit):
             x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
         elif self.spec.pool_before == "max":
             x = F.max_pool2d(x, 2, 2, ceil_mode=True)
-        z = self.conv(x)  # the conv does not keep its output: ReLU may overwrite it
-        if self.fused and self.training and isinstance(self.dropout, BulkDropout) and _fusable(z):
-            pooled, y = fused_activity(z, self.dropout, self.cfg)
-        else:
-            y = self.dropout(F.relu(z, inplace=True))
-            pooled = pooled_activity(y, self.cfg)
+        pooled, y = self.activity(self.conv(x))
         assignment = self.handed_assignment if self.handed_assignment is not None else self.assignment()
         scores = pooled @ assignment.to(pooled.dtype)
         if self.score_scale != 1.0:

@@ -28,6 +28,7 @@ from torch import nn
 from cawbench.archs import LayerSpec, build_plan
 from cawbench.config import ConfigError, RunConfig
 from cawbench.data import DataInfo
+from cawbench.layers import length_normalise
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput
 from cawbench.seeding import derive_seed
 
@@ -44,12 +45,14 @@ def goodness(h: torch.Tensor, kind: str) -> torch.Tensor:
     return squares.sum(1) if kind == "sum" else squares.mean(1)
 
 
-def length_normalise(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
-    """Divide each row by its L2 length or its RMS, without subtracting the mean (only direction passes)."""
-    length = x.norm(dim=1, keepdim=True)
-    if kind == "rms":
-        length = length / x.shape[1] ** 0.5
-    return x / (length + eps)
+def mlp_twin(recipe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The BP twin of an FF-family recipe (a backprop recipe): its MLP, data split, batch size and epochs;
+    FF's length normalisation (RMS) before every layer; Adam 1e-3 (spec baselines.md §5)."""
+    kept = ("model.", "data.", "train.")
+    return {
+        ds: {**{k: v for k, v in over.items() if k.startswith(kept)}, "params.norm": "rms"}
+        for ds, over in recipe.items()
+    }
 
 
 def ff_threshold_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, theta: float) -> torch.Tensor:

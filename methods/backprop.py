@@ -6,28 +6,24 @@ It is one local unit holding the whole network, so it runs through the same engi
 evaluation and measurement as the forward-only methods: its "per-layer" score is the head's logits.
 Recipe convention (spec baselines.md §5): Adam 1e-3, the twin method's batch size, epochs and data.
 ``params.norm=rms`` (or ``l2``) replaces the per-layer BN by FF's length normalisation of each layer's
-input (no centring): the ``paper-ff`` and ``paper-symba`` recipes are the BP twins of FF's and SymBa's
-``paper`` recipes (same MLP, normalisation, data split, batch size and epochs). ``paper-cafo`` and
-``paper-cwcomp`` are the twins of CaFo's and CwComp's recipes: the same ``cafo_cnn`` / ``cwcomp_cnn(100)``
-stack (conv -> ReLU -> pool -> BN, grouped convs), data and epochs, with ``params.head_input=flatten``
-(a linear head on the flattened last feature map instead of global average pooling).
+input (no centring), for the BP twins of FF and SymBa; ``params.head_input=flatten`` (a linear head on the
+flattened last feature map instead of global average pooling), for those of CaFo and CwComp. Each method
+declares its own BP twin recipe (``bp_twin_recipes`` in its file: ``paper-ff``, ``paper-symba``,
+``paper-cafo``, ``paper-cwcomp``); they are recipes of this method, listed by ``cawbench list``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cawbench.archs import ArchPlan, LayerSpec, Wiring, build_plan
+from cawbench.archs import ArchPlan, Wiring, build_plan
 from cawbench.config import ConfigError
+from cawbench.layers import BulkDropout, PlanLayer
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
-from cawbench.methods._ff_common import length_normalise
-from cawbench.methods.ff import FF_PAPER
-from cawbench.methods.symba import SYMBA_PAPER
 
 NORMS = ("batch", "none", "rms", "l2")
 
@@ -52,50 +48,6 @@ class BackpropConfig:
             raise ConfigError("params.label_smoothing and params.dropout must be in [0, 1)")
 
 
-def _pool(kind: str | None, x: torch.Tensor, ceil: bool = True) -> torch.Tensor:
-    if kind == "avg":
-        return F.avg_pool2d(x, 2, 2, ceil_mode=ceil)
-    if kind == "max":
-        return F.max_pool2d(x, 2, 2, ceil_mode=ceil)
-    return x
-
-
-class PlanLayer(nn.Module):
-    """One plan row as an ordinary layer: [pool] -> conv/linear -> norm -> ReLU -> [pool], or, for rows with
-    ``norm_position="post_pool"`` (CaFo, CwComp), [pool] -> conv (with bias) -> ReLU -> [pool] -> norm."""
-
-    def __init__(self, spec: LayerSpec, norm: str) -> None:
-        super().__init__()
-        self.spec = spec
-        self.input_norm = norm if norm in ("rms", "l2") else None
-        self.post_pool_norm = spec.norm_position == "post_pool"
-        # a bias before the ReLU is not cancelled by a norm placed after the pool
-        bias = norm != "batch" or self.post_pool_norm
-        if spec.kind == "conv":
-            self.op = nn.Conv2d(
-                spec.in_channels, spec.out_channels, spec.kernel, spec.stride, spec.padding,
-                groups=spec.groups, bias=bias,
-            )  # fmt: skip
-            batch_norm: type[nn.Module] = nn.BatchNorm2d
-        else:
-            self.op = nn.Linear(spec.in_channels, spec.out_channels)
-            batch_norm = nn.BatchNorm1d
-        self.norm = batch_norm(spec.out_channels, eps=spec.norm_eps) if norm == "batch" else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.kind == "linear":
-            x = x.flatten(1)
-        x = _pool(spec.pool_before, x, spec.pool_ceil)
-        if self.input_norm is not None:  # FF's length normalisation of the layer input, per sample
-            eps = 1e-8 if self.input_norm == "rms" else 1e-4
-            x = length_normalise(x.flatten(1), self.input_norm, eps).view_as(x)
-        if self.post_pool_norm:
-            return self.norm(_pool(spec.pool_after, F.relu(self.op(x)), spec.pool_ceil))
-        x = F.relu(self.norm(self.op(x)))
-        return _pool(spec.pool_after, x, spec.pool_ceil)
-
-
 class EndToEndUnit(LocalUnit):
     """The whole network and its head as one unit: the loss reaches every layer."""
 
@@ -103,7 +55,7 @@ class EndToEndUnit(LocalUnit):
         super().__init__()
         self.layers = nn.ModuleList(PlanLayer(s, cfg.norm) for s in plan.layers)
         self.wiring = Wiring(plan)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = BulkDropout(cfg.dropout)
         last = plan.layers[-1]
         self.flatten_head = cfg.head_input == "flatten"
         spatial = last.out_size**2 if self.flatten_head and last.kind == "conv" else 1
@@ -126,57 +78,18 @@ class EndToEndUnit(LocalUnit):
         return {"ce": F.cross_entropy(out.scores, target, label_smoothing=self.label_smoothing)}
 
 
-def _twin(arch: str, epochs: int, normalization: str, val_size: int | None = None) -> dict[str, object]:
-    """The BP twin of a forward-only recipe: the same stack, data, batch and epochs, a flattened CE head."""
-    recipe: dict[str, object] = {
-        "model.arch": arch,
-        "params.head_input": "flatten",
-        "train.epochs": epochs,
-        "train.batch_size": 128,
-        "data.normalization": normalization,
-        "data.augment": "none",
-    }
-    if val_size is not None:
-        recipe["data.val_size"] = val_size
-    return recipe
-
-
-# CaFo's 3-block CNN (spec §5: [3rd/Spyra] trains it end to end with one linear head); data as CaFo's
-# recipes, 20 epochs like its minibatch recipe.
-_CAFO_TWINS = {
-    ds: _twin("cafo_cnn", 20, norm, val)
-    for ds, norm, val in (
-        ("mnist", "dataset", 10_000),
-        ("fashion-mnist", "dataset", 10_000),
-        ("cifar10", "half", 5_000),
-        ("cifar100", "half", 5_000),
-    )
-}
-# CwComp's CFSE CNN with CwComp's epochs (20 / 50 / 50 / 100) and normalisations (spec §4(d), §8).
-_CWCOMP_TWINS = {
-    "mnist": _twin("cwcomp_cnn", 20, "dataset"),
-    "fashion-mnist": _twin("cwcomp_cnn", 50, "half"),
-    "cifar10": _twin("cwcomp_cnn", 50, "imagenet"),
-    "cifar100": _twin("cwcomp_cnn100", 100, "imagenet"),
-}
-
-
-def mlp_twin(recipe: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The BP twin of an FF-family recipe: its MLP, data split, batch size and epochs; FF's length
-    normalisation (RMS) before every layer; Adam 1e-3 (spec baselines.md §5)."""
-    kept = ("model.", "data.", "train.")
-    return {
-        ds: {**{k: v for k, v in over.items() if k.startswith(kept)}, "params.norm": "rms"}
-        for ds, over in recipe.items()
-    }
-
-
 @register_method("backprop")
 class Backprop(Method):
     description = "end-to-end backprop reference on the same architecture (+ GAP and a linear CE head)"
+    report_label = "Backprop"
+    paper_names = ("Backprop", "BP")
+    report_order = 1000  # after every other configuration
+    end_to_end = True  # the reference every other method is compared with
     Config = BackpropConfig
     defaults = {"optim.name": "adam", "optim.lr": 1e-3, "readout.name": "last"}
-    # BP twins of the forward-only recipes: same data, batch, epochs and resize; Adam 1e-3 (baselines.md §5).
+    # The ResNet-17 twin of CAW-Conv and DeeperForward: same data, batch, epochs and resize; Adam 1e-3
+    # (baselines.md §5). The other methods' BP twins (paper-ff, paper-symba, paper-cafo, paper-cwcomp) are
+    # declared by those methods' files (``bp_twin_recipes``) and join these recipes when they register.
     recipes = {
         "paper": {
             ds: {
@@ -194,10 +107,6 @@ class Backprop(Method):
                 ("tiny-imagenet", None, 0.1),
             )
         },  # fmt: skip
-        "paper-cafo": _CAFO_TWINS,
-        "paper-cwcomp": _CWCOMP_TWINS,
-        "paper-ff": mlp_twin(FF_PAPER),
-        "paper-symba": mlp_twin(SYMBA_PAPER),
     }
 
     def build(self) -> LocalNetwork:

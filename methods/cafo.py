@@ -58,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cawbench.archs import ArchPlan, build_plan
-from cawbench.config import ConfigError
+from cawbench.archs import ArchPlan, build_plan, finish_plan, register_arch, scaled
+from cawbench.config import ConfigError, ModelConfig
+from cawbench.data import DataInfo
+from cawbench.layers import PlanLayer
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
-from cawbench.methods.backprop import PlanLayer
 from cawbench.readouts import add_readout
 
 LOSSES = ("ce", "mse", "sparsemax")
@@ -139,6 +140,29 @@ def full_batch_gd(
             grad = grad + l2 * w
         w -= lr * grad
     return w
+
+
+# --------------------------------------------------------------------------------- the plan
+@register_arch("cafo_cnn")
+def cafo_cnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
+    """CaFo's cascade (baselines.md 3(c)): blocks Conv3x3 (bias) -> ReLU -> MaxPool2 -> BatchNorm (eps 1e-4).
+
+    The BatchNorm comes after the pool, and the pool floors odd sizes like ``nn.MaxPool2d`` (MNIST: 28 -> 14
+    -> 7 -> 3, flattened 6272/6272/4608; CIFAR: 8192 per block). Channels 32 * 4**i times the width;
+    ``model.depth`` is the number of blocks (default 3, the only value the authors' code builds).
+    """
+    blocks = cfg.depth or 3
+    rows, channels = [], info.in_channels
+    for i in range(blocks):
+        out = scaled(32 * 4**i, cfg.width)
+        rows.append(
+            dict(
+                kind="conv", in_channels=channels, out_channels=out, pool_after="max",
+                norm_position="post_pool", norm_eps=1e-4, pool_ceil=False,
+            )
+        )  # fmt: skip
+        channels = out
+    return finish_plan("cafo_cnn", info, rows)
 
 
 # --------------------------------------------------------------------------------- config
@@ -411,6 +435,14 @@ _DATASETS = {
 }
 _FULL_BATCH = {"params.solver": "full_batch_gd", "params.gd_lr": 0.01, "params.l2": 0.0, "train.epochs": 2}
 
+# The BP twin (backprop --recipe paper-cafo): the same 3-block CNN trained end to end with one linear head on
+# the flattened last block (spec §5: [3rd/Spyra]); CaFo's data settings, 20 epochs like its minibatch recipe.
+_BP_TWIN = {
+    ds: {"model.arch": "cafo_cnn", "params.head_input": "flatten", "train.epochs": 20, "train.batch_size": 128,
+         "data.normalization": norm, "data.augment": "none", "data.val_size": val}
+    for ds, (norm, val, _) in _DATASETS.items()
+}  # fmt: skip
+
 
 @register_method("cafo")
 class CaFo(Method):
@@ -418,6 +450,10 @@ class CaFo(Method):
         "CaFo (Zhao et al. 2023): frozen random (or DFA-trained) conv blocks, one bias-free linear "
         "predictor per block (CE / closed-form MSE / sparsemax), sum of block probabilities"
     )
+    report_label = "CaFo"
+    report_order = 40
+    bp_twin_recipes = {"paper-cafo": _BP_TWIN}
+    bp_twin = "paper-cafo"
     Config = CaFoConfig
     defaults = {
         "model.arch": "cafo_cnn",

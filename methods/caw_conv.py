@@ -38,6 +38,12 @@ Assumptions and deviations (each a config value one can change):
   ``paper-vgg`` recipe uses MNIST's own.
 - Deviation: seeds really vary (``train.seed``); the authors fix 2222 (kept as ``data.split_seed``).
 - The orthogonality term is ~1e-7 as released (double normalisation); kept for fidelity.
+  ``params.ortho_form=frobenius`` is the textbook ||Ahat^T Ahat - I||_F^2 (the overview's reading of the
+  term as a real penalty), and ``params.entropy_direction=maximize`` maximises H(A) as the overview's text
+  reads ("uniform channel use"); the released code minimises it (the default).
+- Per-epoch schedules (temperature 0.995^e, ortho warm-up min(1, e/50), cosine LR over 150 epochs) follow
+  training progress under ``train.budget_schedules`` (every reduced scale), so a short run passes through the
+  150-epoch recipe's phases; off (per-epoch, as released) in the ``paper`` recipes.
 - The multi-GPU pipeline mode of the authors' code (no regularisers/smoothing/clipping) is not the
   published mode and is not reproduced; the engine's ``train.parallel`` keeps the same maths.
 """
@@ -134,6 +140,9 @@ class CAWConv(ChannelwiseMethod):
         "InstanceNorm, CE(ls) + entropy + ortho, LCS readout"
     )
     Config = CAWConvConfig
+    report_label = "CAW-Conv"
+    report_order = 10
+    bp_twin = "paper"  # backprop's paper recipe: the same ResNet-17, data and budget
     defaults = defaults_from(RESNET)
     recipes = {
         "paper": {name: {**RESNET, **extra} for name, extra in RESNET_DATASETS.items()},

@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cawbench.archs import ArchPlan, LayerSpec, build_plan
-from cawbench.config import ConfigError
+from cawbench.archs import ArchPlan, LayerSpec, build_plan, finish_plan, register_arch, scaled
+from cawbench.config import ConfigError, ModelConfig
+from cawbench.data import DataInfo
+from cawbench.layers import PlanLayer
 from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
-from cawbench.methods.backprop import PlanLayer
 from cawbench.readouts import ReadoutContext, add_readout
 
 LOSSES = ("cwc_ce", "pvn", "cwg")
@@ -97,6 +98,50 @@ def pvn_loss(goodness: torch.Tensor, target: torch.Tensor, threshold: float = 2.
     pos = g.gather(1, target[:, None]).squeeze(1)
     neg = (g.sum(1) - pos) / (g.shape[1] - 1)
     return 0.5 * (F.softplus(threshold - pos).mean() + F.softplus(neg - threshold).mean())
+
+
+# --------------------------------------------------------------------------------- the plans
+def _cwcomp_rows(info: DataInfo, per_class: list[int], classes: list[int], width: float) -> list[dict]:
+    """CwComp's CFSE stack: layer i has ``classes[i] * per_class[i]`` channels (so every class owns an equal
+    contiguous group); odd layers are grouped convs (groups = that layer's classes) followed by a 2x2
+    max-pool; every layer is conv (bias) -> ReLU -> [pool] -> BatchNorm (eps 1e-4)."""
+    rows, channels = [], info.in_channels
+    for i, (mult, k) in enumerate(zip(per_class, classes, strict=True)):
+        out = k * scaled(mult, width)
+        odd = i % 2 == 1
+        rows.append(
+            dict(
+                kind="conv", in_channels=channels, out_channels=out, groups=k if odd else 1,
+                pool_after="max" if odd else None, norm_position="post_pool", norm_eps=1e-4,
+                pool_ceil=False, class_groups=k,
+            )
+        )  # fmt: skip
+        channels = out
+    return rows
+
+
+@register_arch("cwcomp_cnn")
+def cwcomp_cnn(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
+    """CwComp's CFSE CNN (baselines.md 4(c)): 20 / 80 / 240 / 480 channels for K = 10 (2 / 8 / 24 / 48 per
+    class, times the width), grouped convs with groups = K and 2x2 max-pools on layers 1 and 3, BatchNorm
+    after the pool. For another K the per-class counts stay, so the channels scale with K."""
+    k = info.num_classes
+    return finish_plan("cwcomp_cnn", info, _cwcomp_rows(info, [2, 8, 24, 48], [k] * 4, cfg.width))
+
+
+@register_arch("cwcomp_cnn100")
+def cwcomp_cnn100(cfg: ModelConfig, info: DataInfo) -> ArchPlan:
+    """CwComp's CIFAR-100 CFSE CNN (baselines.md 4(c)): 60 / 120 / 240 / 400 / 800 / 1600 channels; the first
+    four layers compete over K/5 superclasses (label // 5), the last two over the K classes; grouped convs
+    (groups 20, 20, 100) and max-pools on layers 1, 3 and 5 (32 -> 4)."""
+    k = info.num_classes
+    if k % 5:
+        raise ConfigError(f"cwcomp_cnn100 needs a class count divisible by 5 (superclasses), got {k}")
+    coarse = k // 5
+    per_class = [60 // 20, 120 // 20, 240 // 20, 400 // 20, 800 // 100, 1600 // 100]
+    return finish_plan(
+        "cwcomp_cnn100", info, _cwcomp_rows(info, per_class, [coarse] * 4 + [k] * 2, cfg.width)
+    )
 
 
 # --------------------------------------------------------------------------------- config
@@ -268,12 +313,30 @@ def _paper(dataset: str, epochs: int, normalization: str, arch: str = "cwcomp_cn
     }
 
 
+# The BP twin (backprop --recipe paper-cwcomp): the same CFSE stack trained end to end with one linear head on
+# the flattened last feature map, with CwComp's epochs (20 / 50 / 50 / 100) and normalisations (spec §4(d), §8).
+_BP_TWIN = {
+    ds: {"model.arch": arch, "params.head_input": "flatten", "train.epochs": epochs, "train.batch_size": 128,
+         "data.normalization": norm, "data.augment": "none"}
+    for ds, arch, epochs, norm in (
+        ("mnist", "cwcomp_cnn", 20, "dataset"),
+        ("fashion-mnist", "cwcomp_cnn", 50, "half"),
+        ("cifar10", "cwcomp_cnn", 50, "imagenet"),
+        ("cifar100", "cwcomp_cnn100", 100, "imagenet"),
+    )
+}  # fmt: skip
+
+
 @register_method("cwcomp")
 class CwComp(Method):
     description = (
         "CwComp (AAAI 2024): CFSE CNN, channel-group goodness with the CwC cross-entropy, interleaved "
         "layer training; GA and softmax-head readouts"
     )
+    report_label = "CwComp"
+    report_order = 30
+    bp_twin_recipes = {"paper-cwcomp": _BP_TWIN}
+    bp_twin = "paper-cwcomp"
     Config = CwCompConfig
     defaults = {
         "model.arch": "cwcomp_cnn",

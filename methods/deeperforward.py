@@ -96,6 +96,9 @@ DATASETS: dict[str, dict[str, Any]] = {
 class DeeperForward(ChannelwiseMethod):
     description = "DeeperForward (ICLR 2025): fixed channel groups, mean goodness, GroupNorm(K), CE, SIP"
     Config = DeeperForwardConfig
+    report_label = "DeeperForward"
+    report_order = 900  # after a study's own variants: the far end of the ablation ladder from CAW-Conv
+    bp_twin = "paper"  # backprop's paper recipe: the same ResNet-17, data and budget
     defaults = defaults_from(OPTIM)
     recipes = {
         "paper": {name: {**OPTIM, "params.dropout": 0.2, **extra} for name, extra in DATASETS.items()},

@@ -42,7 +42,7 @@ import torch
 
 from cawbench.config import ConfigError
 from cawbench.method import register_method
-from cawbench.methods._ff_common import FFFamilyConfig, FFFamilyMethod, ff_threshold_loss
+from cawbench.methods._ff_common import FFFamilyConfig, FFFamilyMethod, ff_threshold_loss, mlp_twin
 
 #: Overrides shared by the FF paper recipes (loeweX's reproduction of Hinton's MNIST result).
 FF_PAPER_COMMON: dict[str, Any] = {
@@ -90,6 +90,10 @@ class ForwardForward(FFFamilyMethod):
     Config: ClassVar[type] = FFConfig
     defaults: ClassVar[dict[str, Any]] = {**FFFamilyMethod.defaults, "optim.lr": 1e-3}
     recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper": FF_PAPER}
+    report_label = "FF"
+    report_order = 60
+    bp_twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper-ff": mlp_twin(FF_PAPER)}
+    bp_twin = "paper-ff"
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.hidden": (32, 32), "train.batch_size": 64}
 
     def pair_loss(self, g_pos: torch.Tensor, g_neg: torch.Tensor, width: int) -> dict[str, torch.Tensor]:

@@ -41,7 +41,13 @@ import torch
 from cawbench.config import ConfigError, RunConfig
 from cawbench.data import DataInfo
 from cawbench.method import register_method
-from cawbench.methods._ff_common import FFFamilyConfig, FFFamilyMethod, random_class_patterns, symba_loss
+from cawbench.methods._ff_common import (
+    FFFamilyConfig,
+    FFFamilyMethod,
+    mlp_twin,
+    random_class_patterns,
+    symba_loss,
+)
 
 ICP_CHOICES = ("repeat", "pattern", "onehot")
 
@@ -87,6 +93,10 @@ class SymBa(FFFamilyMethod):
     Config: ClassVar[type] = SymBaConfig
     defaults: ClassVar[dict[str, Any]] = {**FFFamilyMethod.defaults, "optim.lr": 1e-3}
     recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper": SYMBA_PAPER}
+    report_label = "SymBa"
+    report_order = 50
+    bp_twin_recipes: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {"paper-symba": mlp_twin(SYMBA_PAPER)}
+    bp_twin = "paper-symba"
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.hidden": (32, 32), "train.batch_size": 64}
 
     def __init__(self, cfg: RunConfig, info: DataInfo) -> None:

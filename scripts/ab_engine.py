@@ -1,10 +1,12 @@
 """Interleaved A/B timing of engine variants on one method (shared, noisy cores: compare ratios).
 
-usage: python scripts/ab_engine.py --method caw_conv --width 0.4 --rounds 5 --variants base,fastdrop,fusedact,standin_caw:base
-(keep_cpu_memory is process-wide: time "fused" and the other variants that keep it on in their own run)
-(standin_caw = scripts/standin.py: the spec's CAW layer written the plain way, i.e. the authors' loop shape)
-Each round times one engine epoch of --steps batches of every variant in turn, so load changes hit all alike;
-reported per step.
+usage: python scripts/ab_engine.py --method caw_conv --width 0.4 --rounds 5 --variants base,unfused,nofusedopt
+       python scripts/ab_engine.py --width 1.0 --variants caw_conv:base,deeperforward:base,backprop:base
+Each round times one engine epoch (``Trainer.train_epoch``, every mode's own code path) of --steps batches
+of every variant in turn, so load changes hit all alike; reported per step. "method:variant" names its own
+method. Process settings (glibc keeping freed memory, threads) are the entry point's, as for ``cawbench``:
+``--no-keep-cpu-memory``, ``--threads``; run variants that differ in them as separate commands.
+To time two checkouts against each other (before/after a change), see scripts/ab_checkouts.py.
 """
 
 from __future__ import annotations
@@ -19,104 +21,83 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cawbench.bench import random_data
+from cawbench.cli import configure_process
+from cawbench.engine import Trainer
+from cawbench.layers import ReluDropoutPool
+from cawbench.method import resolve_config
 
-from cawbench.bench import random_data  # noqa: E402
-from cawbench.engine import Trainer  # noqa: E402
-from cawbench.method import list_methods, resolve_config  # noqa: E402
-
-NO_KEEP = {"train.keep_cpu_memory": False, "train.cpu_conv": "plain"}  # the steps before those two
-VARIANTS = {  # name -> (config overrides, channels_last on this device)
-    # the CPU work step by step: plain PyTorch chain -> bulk dropout draws -> fused ReLU-dropout-pooling
-    # node -> glibc keeping freed memory -> convs planned by shape -> Winograd where it pays (the defaults)
-    "base": ({"train.fused_optimizer": False, "train.fast_dropout": False, **NO_KEEP}, False),
-    "fastdrop": (NO_KEEP, False),  # units unfused (see UNFUSED)
-    "fusedact": (NO_KEEP, False),
-    "fused": ({}, False),  # every default on
-    "unmerged": ({"train.merge_units": "none"}, False),  # every default but each unit updating on its own
-    "merged_steps": ({"train.merge_units": "steps"}, False),  # merged updates without shared loss pieces
-    "plainconv": ({"train.cpu_conv": "plain"}, False),  # every default but the shape-planned CPU convs
-    "direct": ({"train.cpu_conv": "direct"}, False),  # planned convs without Winograd
-    "cl": ({"train.fused_optimizer": False}, True),
-    "fused_cl": ({}, True),
-    "compile": ({"train.compile": True}, False),
-    "compile_cl": ({"train.compile": True}, True),
-    "bf16": ({"train.precision": "bf16"}, False),
-    "t1": ({"train.fused_optimizer": False}, False),  # base with one intra-op thread
-    "fused_t1": ({}, False),
-    "pipe2": ({"train.parallel": "pipeline", "train.pipeline_threads": 2}, False),
+VARIANTS = {  # name -> (config overrides, what it is)
+    "base": ({}, "every default"),
+    "unfused": ({}, "channel-wise layers as the plain ReLU -> dropout -> pooling composition"),
+    "nofusedopt": ({"train.fused_optimizer": False}, "the optimisers' foreach implementation"),
+    "unmerged": ({"train.merge_units": "none"}, "train.merge_units=none: each unit clips and steps alone"),
+    "merged_steps": ({"train.merge_units": "steps"}, "train.merge_units=steps: no shared loss pieces"),
+    "cl": ({}, "channels_last input and weights on the CPU"),
+    "compile": ({"train.compile": True}, "torch.compile of every unit"),
+    "compile_cl": ({"train.compile": True}, "torch.compile, channels_last"),
+    "bf16": ({"train.precision": "bf16"}, "bf16 autocast"),
+    "t1": ({}, "one intra-op thread"),
+    "pipe2": ({"train.parallel": "pipeline", "train.pipeline_threads": 2}, "two pipeline workers"),
     "compile_pipe2": (
         {"train.parallel": "pipeline", "train.pipeline_threads": 2, "train.compile": True},
-        False,
+        "torch.compile, two pipeline workers",
     ),
-    "compile_t1": ({"train.compile": True}, False),
 }
+UNFUSED = {"unfused"}
+CHANNELS_LAST = {"cl", "compile_cl"}
+THREADS = {"t1": 1}
 TITLE = """# Engine variants timed interleaved (scripts/ab_engine.py)
 
-Each block is one run of the command it names: every round times one engine epoch of each variant in turn.
-Variants: `base` the plain PyTorch chain (nn.Dropout, unfused ReLU/dropout/pooling, glibc's default malloc,
-plain convs), `fastdrop` + bulk-drawn dropout, `fusedact` + the fused ReLU-dropout-pooling node,
-`plainconv` + glibc keeping freed memory and fused CPU AdamW, `direct` + convs planned by shape
-(`train.cpu_conv=direct`), `fused` every default (+ Winograd for the 3x3 stride-1 convs, `train.cpu_conv=tuned`:
-F(2x2, 3x3) in the block of 2026-11-28 00:30, F(4x4, 3x3) after; blocks before a switch existed call every
-default of their day `fused`); `unmerged` every default but `train.merge_units=none` (each unit clips and
-steps on its own, the engine before merged updates), `merged_steps` merged updates without shared loss pieces;
-`standin_caw` is scripts/standin.py, the spec's CAW layer written the plain way. `train.keep_cpu_memory` is
-process-wide, so `plainconv`, `direct` and `fused` run in their own process: compare their img/s with the block before
-on idle cores (each header gives the load average)."""
-UNFUSED = {"fastdrop"}  # channel-wise units forced onto the unfused ReLU -> dropout -> pooling chain
-THREADS = {"t1": 1, "fused_t1": 1, "compile_t1": 1}
+Each block is one run of the command it names: every round times one engine epoch of each variant in turn;
+the block lists what its variants are. Compare ratios within a block; img/s across blocks only on idle cores
+(each header gives the load average)."""
 
 
-def build(
-    method: str, width: float, batch: int, steps: int, overrides: dict, channels_last: bool, unfused: bool
-) -> Trainer:
+def build(method: str, width: float, batch: int, steps: int, variant: str) -> Trainer:
     layer = {"method": method, "model.width": width, "train.device": "cpu", "train.progress": False,
-             "train.checkpoint": False, "train.batch_size": batch, **overrides}  # fmt: skip
+             "train.checkpoint": False, "train.batch_size": batch, **VARIANTS[variant][0]}  # fmt: skip
     cfg = resolve_config(layer)
     data = random_data((1, 32, 32), 10, batch * steps, batch, torch.device("cpu"))
     trainer = Trainer(cfg, data=data, write_result=False)
-    if unfused:
-        for unit in trainer.net.units:
-            unit.fused = False
-    if channels_last:
+    if variant in UNFUSED:
+        for module in trainer.net.modules():
+            if isinstance(module, ReluDropoutPool):
+                module.fused = False
+    if variant in CHANNELS_LAST:
         trainer.channels_last = True
         trainer.net.to(memory_format=torch.channels_last)
     return trainer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--method", default="standin_caw")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="caw_conv")
     p.add_argument("--width", type=float, default=0.4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1, help="batches per timed epoch")
-    p.add_argument("--variants", default="base,fastdrop,fusedact")
+    p.add_argument("--variants", default="base,unfused", help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--keep-cpu-memory", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--out", help="append the result, with the command, date and hardware, to this markdown file"
     )
     args = p.parse_args()
+    configure_process(args.threads, args.keep_cpu_memory)
     names = args.variants.split(",")
-    keeps = {VARIANTS[n.split(":")[-1]][0].get("train.keep_cpu_memory", True) for n in names}
-    if len(keeps) > 1:  # the first keeping trainer changes malloc for the whole process
-        sys.exit("train.keep_cpu_memory is process-wide: time variants with and without it in separate runs")
     trainers = {}
     for n in names:  # "variant" uses --method; "method:variant" names its own method
         method, variant = n.split(":") if ":" in n else (args.method, n)
-        if method == "standin_caw" and "standin_caw" not in list_methods():
-            import standin
-
-            standin.register()
-        trainers[n] = build(
-            method, args.width, args.batch, args.steps, *VARIANTS[variant], variant in UNFUSED
-        )
+        if variant not in VARIANTS:
+            sys.exit(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+        trainers[n] = build(method, args.width, args.batch, args.steps, variant)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds + 1):
         for n, t in trainers.items():
             threads = torch.get_num_threads()
             torch.set_num_threads(THREADS.get(n.split(":")[-1], threads))
-            seconds = t.train_epoch(0)["train_time_s"]  # the engine's own epoch: every mode, same code path
+            seconds = t.train_epoch(0)["train_time_s"]
             if r > 0:  # round 0 warms up (and compiles)
                 times[n].append(seconds / args.steps)
             torch.set_num_threads(threads)
@@ -126,21 +107,25 @@ def main() -> None:
         med = statistics.median(times[n])
         ratios = [times[names[0]][i] / times[n][i] for i in range(args.rounds)]
         lines.append(
-            f"  {n:<20} {args.batch / med:7.1f} img/s (median step {med:.2f} s)  speed-up vs {names[0]}: "
+            f"  {n:<24} {args.batch / med:7.1f} img/s (median step {med:.2f} s)  speed-up vs {names[0]}: "
             f"{base / med:.2f}x (per-round {min(ratios):.2f}..{max(ratios):.2f})"
         )
     print("\n".join(lines))
     if args.out:
-        write_markdown(Path(args.out), lines)
+        used = dict.fromkeys(n.split(":")[-1] for n in names)
+        legend = "variants: " + "; ".join(f"`{v}` {VARIANTS[v][1]}" for v in used)
+        write_markdown(Path(args.out), lines, notes=[legend])
 
 
-def write_markdown(path: Path, lines: list[str], title: str = TITLE, fenced: bool = True) -> None:
+def write_markdown(
+    path: Path, lines: list[str], title: str = TITLE, fenced: bool = True, notes: list[str] = ()
+) -> None:
     """Append one block: the command, date, hardware and versions, then the printed result (``title``
-    starts a new file; ``fenced=False`` for lines that are markdown already)."""
+    starts a new file; ``fenced=False`` for lines that are markdown already; ``notes``: more header lines)."""
     from cawbench.bench import describe_device
-    from cawbench.engine import _versions
+    from cawbench.engine import software_versions
 
-    v = _versions()
+    v = software_versions()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     header = [
         f"- command: `{command}`",
@@ -148,6 +133,7 @@ def write_markdown(path: Path, lines: list[str], title: str = TITLE, fenced: boo
         f"- hardware: {describe_device(torch.device('cpu'))}; load average at the end "
         f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- versions: cawbench {v.get('cawbench')} (git {v.get('git', '?')}), torch {torch.__version__}",
+        *(f"- {note}" for note in notes),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():

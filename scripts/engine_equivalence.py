@@ -29,7 +29,7 @@ cawbench_inplace.setup()
 import torch  # noqa: E402
 
 from cawbench.bench import random_data  # noqa: E402
-from cawbench.engine import GraphedSteps, PipelineRunner, ReplayBackend, Trainer  # noqa: E402
+from cawbench.engine import Trainer, build_executor, with_replayed_graphs  # noqa: E402
 from cawbench.method import get_method, list_methods, resolve_config  # noqa: E402
 
 
@@ -49,10 +49,9 @@ def train_params(
     # steady state in both epochs
     data = random_data((1, 16, 16), 10, images, 32, torch.device(device), "fashion-mnist")
     trainer = Trainer(cfg, data=data, write_result=False)
-    if replay == "steps":
-        trainer.graphed = GraphedSteps(trainer.step, cfg.train.batch_size, backend=ReplayBackend())
-    elif replay == "pipeline":
-        trainer.pipeline = PipelineRunner(trainer.step, cfg.train.batch_size, ReplayBackend())
+    if replay is not None:  # "steps": the CUDA-graph executor; "pipeline": the captured pipeline
+        name = "cuda_graph" if replay == "steps" else "pipeline"
+        trainer.executor = build_executor(name, with_replayed_graphs(trainer.executor_setup))
     for epoch in range(epochs):
         trainer.train_epoch(epoch)
     return torch.cat([p.detach().float().flatten().cpu() for p in trainer.net.parameters()])

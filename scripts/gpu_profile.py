@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from cawbench.bench import random_data  # noqa: E402
-from cawbench.engine import StepStats, Trainer  # noqa: E402
+from cawbench.engine import Trainer  # noqa: E402
 from cawbench.method import resolve_config  # noqa: E402
 
 
@@ -49,10 +49,9 @@ def main() -> int:
     trainer = Trainer(cfg, data=data, write_result=False)
     trainer.net.train()
     x, y = next(trainer._batches("train", 0, train=True))
-    ctx = trainer.schedule_point(0, 0)
 
     def step() -> None:
-        trainer.step(x, y, ctx, StepStats(len(trainer.units), device))
+        trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
 
     def sync() -> None:
         if device.type == "cuda":

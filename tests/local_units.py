@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cawbench.archs import LayerSpec, build_plan
-from cawbench.method import METHODS, LocalNetwork, LocalUnit, Method, StepContext, UnitOutput, register_method
+from cawbench.method import (
+    LocalNetwork,
+    LocalUnit,
+    Method,
+    StepContext,
+    UnitOutput,
+    register_method,
+    unregister_method,
+)
 
 NAME = "_test_local_conv"
 
@@ -57,4 +65,4 @@ def registered() -> Iterator[str]:
     try:
         yield NAME
     finally:
-        METHODS._items.pop(NAME, None)
+        unregister_method(NAME)

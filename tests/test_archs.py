@@ -97,9 +97,9 @@ def test_vgg_and_tinycnn_layer_lists():
 
 
 def test_impossible_wiring_is_reported():
-    from cawbench.archs import _finish
+    from cawbench.archs import finish_plan
 
     rows = [dict(kind="conv", in_channels=1, out_channels=4, ops_after=("save",)),
             dict(kind="conv", in_channels=4, out_channels=8, ops_after=("add",))]  # fmt: skip
     with pytest.raises(ConfigError, match="layer 1 adds a shortcut of \\(4, 8\\) to an output of \\(8, 8\\)"):
-        _finish("bad", DataInfo("x", 10, 1, 8), rows)
+        finish_plan("bad", DataInfo("x", 10, 1, 8), rows)

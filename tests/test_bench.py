@@ -15,14 +15,13 @@ from cawbench.bench import (
     HostReadCounter,
     OpCounter,
     SavedTensorMeter,
-    check_process_wide,
     parameter_storages,
     parse_methods,
 )
 from cawbench.cli import main
 from cawbench.config import ConfigError, OptimConfig
-from cawbench.engine import BatchStep, StepStats, UnitState, make_optimizer
-from cawbench.method import LocalNetwork, LocalUnit, StepContext, UnitOutput
+from cawbench.engine import BatchStep, StepState, StepStats, UnitState, make_optimizer
+from cawbench.method import LocalNetwork, LocalUnit, UnitOutput
 
 
 class LinearReLU(LocalUnit):
@@ -51,7 +50,7 @@ def test_saved_bytes_of_a_two_unit_network_match_a_hand_count():
     step = BatchStep(method, net, states, torch.device("cpu"), bf16=False)
     meter = SavedTensorMeter(parameter_storages(net))
     x, y = torch.randn(batch, 3), torch.zeros(batch, dtype=torch.long)
-    step(x, y, StepContext(0, 1, 0), StepStats(2, torch.device("cpu")), hook=meter.hook)
+    step(x, y, StepState(0, 1, 0, stats=StepStats(2, torch.device("cpu"))), hook=meter.hook)
     # Hand count, float32 = 4 bytes: unit 0 keeps x [4,3] and h [4,5]; unit 1 keeps its input [4,5] and h [4,2].
     assert meter.unit_bytes() == [4 * batch * (3 + 5), 4 * batch * (5 + 2)]  # [128, 112]
 
@@ -100,13 +99,22 @@ def test_parse_methods_with_row_overrides_and_errors():
         parse_methods("nope", ["backprop", "ff"])
 
 
-def test_rows_differing_in_a_process_wide_knob_are_refused(tmp_path, capsys):
-    rows = "backprop,backprop{train.keep_cpu_memory=false}"
-    assert main(["bench", "--methods", rows, "--device", "cpu", "--out", str(tmp_path)]) == 2
-    assert "train.keep_cpu_memory, which is process-wide" in capsys.readouterr().err
-    assert not (tmp_path / "cpu.md").exists()  # refused before any work
-    entries = parse_methods("backprop,ff{train.keep_cpu_memory=false}", ["backprop", "ff"])
-    check_process_wide(entries, SimpleNamespace(set=["train.keep_cpu_memory=false"]))  # all false: fine
+def test_process_options_are_set_by_the_entry_point_and_written_into_the_report(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        with registered() as method:
+            args = ["--threads", "1", "--no-keep-cpu-memory", "bench", "--methods", method, "--arch",
+                    "tinycnn", "--width", "0.1", "--input", "1x16x16", "--batch", "4", "--steps", "1",
+                    "--repeats", "1", "--warmup", "0", "--eval-steps", "1", "--device", "cpu",
+                    "--no-reference", "--out", str(tmp_path)]  # fmt: skip
+            assert main(args) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / "cpu.md").read_text()
+    assert "command: `cawbench --threads 1 --no-keep-cpu-memory bench --methods" in md
+    assert ", 1 torch threads" in md
+    assert main(["--threads", "0", "list", "readouts"]) == 2  # a bad value is a user error
 
 
 def _bench(tmp_path, *extra: str) -> list[dict[str, str]]:

@@ -15,9 +15,10 @@ from cawbench.archs import build_plan
 from cawbench.config import ConfigError, ModelConfig
 from cawbench.data import DataInfo
 from cawbench.engine import Trainer
+from cawbench.layers import PlanLayer
 from cawbench.method import StepContext, UnitOutput, get_method, resolve_config
 from cawbench.methods import cafo, cwcomp
-from cawbench.methods.backprop import EndToEndUnit, PlanLayer
+from cawbench.methods.backprop import EndToEndUnit
 
 MNIST = DataInfo("mnist", 10, 1, 28)
 CIFAR10 = DataInfo("cifar10", 10, 3, 32)

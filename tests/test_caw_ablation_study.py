@@ -28,6 +28,21 @@ def flat(cfg) -> dict:
     return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in LABELS}
 
 
+EXPLICIT = Path(__file__).resolve().parent / "data" / "caw_ablation_explicit.yaml"
+
+
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+def test_ladder_written_with_extends_resolves_to_the_configurations_written_out_in_full(scale):
+    """tests/data/caw_ablation_explicit.yaml is the spec as it was before `extends:` (every rung listing
+    every key): the same configurations, so the same study fingerprint (a re-run resumes that study)."""
+    explicit = load_spec(EXPLICIT)
+    assert STUDY.variants == explicit.variants
+    assert STUDY.fingerprint(scale) == explicit.fingerprint(scale)
+    for variant in explicit.variants:
+        now, before = resolve(variant, scale), explicit.resolve(scale, variant, {}, seed=0)
+        assert now.to_dict() == before.to_dict() and now.config_hash() == before.config_hash(), variant
+
+
 def test_spec_has_the_schema_keys_and_its_reference_is_a_variant():
     assert set(SPEC) == {"name", "description", "base", "scales", "variants", "reference", "seeds",
                          "objective", "sampler", "pruner"}  # fmt: skip
@@ -37,12 +52,13 @@ def test_spec_has_the_schema_keys_and_its_reference_is_a_variant():
 
 @pytest.mark.parametrize("scale", ["cpu", "paper"])
 def test_every_variant_resolves_to_a_valid_config(scale):
-    for variant, overrides in SPEC["variants"].items():
+    for variant, overrides in STUDY.variants.items():  # extends: applied
         cfg = resolve(variant, scale)
         assert cfg.variant == variant
         assert cfg.method == overrides.get("method", SPEC["base"]["method"])
         assert cfg.data.name == "fashion-mnist" and cfg.recipe == "paper"
-        for key, value in STUDY.scales[scale].items():  # the scale's config keys reach every variant
+        at_scale = {**STUDY.scales[scale], **STUDY.scale_study[scale].get("variants", {}).get(variant, {})}
+        for key, value in at_scale.items():  # the scale's config keys (and its per-variant ones) reach it
             node = cfg
             for part in key.split("."):
                 node = getattr(node, part)
@@ -56,7 +72,8 @@ def test_ladder_adds_one_component_per_rung_and_ends_at_caw_conv():
     previous = flat(resolve("deeperforward", "paper"))
     assert len(LADDER) == 13
     for before, rung in zip(LADDER, LADDER[1:], strict=False):
-        overrides, earlier = SPEC["variants"][rung], SPEC["variants"][before]
+        assert SPEC["variants"][rung]["extends"] == before, f"{rung} must extend the rung before it"
+        overrides, earlier = STUDY.variants[rung], STUDY.variants[before]
         assert set(earlier).issubset(overrides), f"{rung} drops a component of {before}"
         current = flat(resolve(rung, "paper"))
         changed = {k for k in current if current[k] != previous[k]}

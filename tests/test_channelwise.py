@@ -15,7 +15,6 @@ from conftest import needs_fmnist
 from cawbench.archs import LayerSpec
 from cawbench.config import ConfigError
 from cawbench.engine import Trainer
-from cawbench.fast_dropout import BulkDropout, swap_dropout
 from cawbench.method import StepContext, UnitOutput, get_method, resolve_config
 from cawbench.methods._channelwise import (
     ChannelwiseConfig,
@@ -25,7 +24,6 @@ from cawbench.methods._channelwise import (
     assignment_entropy,
     assignment_orthogonality,
     contiguous_assignment,
-    fused_activity,
     pooled_activity,
     smoothed_targets,
 )
@@ -181,74 +179,6 @@ def test_mix_pooling_gradient_matches_autograd_through_max_and_min_along_a_dim()
     )
 
 
-def _activity(z0: torch.Tensor, cfg, p: float, fused: bool, grad: torch.Tensor):
-    """(pooled, y, dL/dz) through the fused node or the unfused ReLU -> BulkDropout -> pooling chain."""
-    z = z0.clone().requires_grad_()
-    drop = BulkDropout(p).train()
-    torch.manual_seed(1)  # the same draws for both paths
-    if fused:
-        pooled, y = fused_activity(z, drop, cfg)
-    else:
-        y = drop(F.relu(z))
-        pooled = pooled_activity(y, cfg)
-    (pooled * grad).sum().backward()
-    return pooled.detach(), y.detach(), z.grad
-
-
-@pytest.mark.parametrize("cfg", [CAWConvConfig(), DeeperForwardConfig()], ids=["mix", "mean"])
-@pytest.mark.parametrize("p", [1e-7, 0.3], ids=["nothing-dropped", "p=0.3"])
-def test_fused_activity_equals_relu_dropout_pooling(cfg, p):
-    torch.manual_seed(0)
-    z0 = torch.randn(6, 4, 5, 5)
-    z0[0, 0] = torch.rand(5, 5) + 0.1  # all positive: a live minimum, which passes gradient
-    z0[1, 1] = -torch.rand(5, 5)  # all negative: a dead channel, no gradient anywhere
-    grad = torch.randn(6, 4)
-    pooled, y, dz = _activity(z0, cfg, p, True, grad)
-    ref_pooled, ref_y, ref_dz = _activity(z0, cfg, p, False, grad)
-    assert torch.equal(pooled, ref_pooled) and torch.equal(y, ref_y)  # same draws, same forward values
-    torch.testing.assert_close(dz, ref_dz, rtol=1e-5, atol=1e-7)  # the backward only regroups products
-    assert torch.equal(dz != 0, y != 0)  # gradient exactly where z > 0 and kept
-    assert not dz[1, 1].any()
-    if p < 1e-3:
-        assert (y[0, 0] > 0).all() and (y[0, 0] == z0[0, 0] / (1 - p)).all()
-    else:
-        assert 0.1 < (y == 0).float().mean() - (z0 <= 0).float().mean() < 0.25  # ~0.3 of the live half
-
-
-def graph_nodes(fn) -> set[str]:
-    """Names of every autograd node behind ``fn``."""
-    seen, todo = set(), [fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return {type(node).__name__ for node in seen}
-
-
-@pytest.mark.parametrize("cfg", [CAWConvConfig(), DeeperForwardConfig()], ids=["caw_conv", "deeperforward"])
-def test_unit_takes_the_fused_path_with_bulk_dropout_and_the_same_updates(cfg):
-    def run(fused: bool):
-        torch.manual_seed(0)
-        unit = ChannelwiseUnit(conv_spec(3, 20), 10, cfg).train()
-        swap_dropout(unit)
-        unit.fused = fused
-        x, target = torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))
-        out = unit(x)
-        sum(unit.local_losses(out, target, CTX).values()).backward()
-        return out, unit.conv.weight.grad, "_FusedActivityBackward" in graph_nodes(out.scores.grad_fn)
-
-    out, grad, was_fused = run(True)
-    ref, ref_grad, ref_fused = run(False)
-    assert was_fused and not ref_fused
-    assert torch.equal(out.passed, ref.passed) and torch.equal(out.scores, ref.scores)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 conv output: the unfused chain, no error
-        run_bf16 = ChannelwiseUnit(conv_spec(3, 20), 10, cfg).train()
-        swap_dropout(run_bf16)
-        assert run_bf16(torch.randn(2, 3, 6, 6)).scores.shape == (2, 10)
-
-
 def test_deeperforward_score_is_the_mean_over_group_channels_and_space():
     torch.manual_seed(0)
     x = torch.rand(3, 4, 5, 5)  # non-negative: passes the identity conv and ReLU unchanged
@@ -304,7 +234,7 @@ def _one_step_gradients(trainer: Trainer, merge: str, x, y) -> tuple[list[torch.
         state.clip = None
     torch.manual_seed(5)  # the same dropout draws
     stats = StepStats(len(trainer.units), trainer.device)
-    trainer.step(x, y, trainer.schedule_point(30, 0), stats)
+    trainer.step(x, y, trainer.step_state(30, 0, stats))
     names, means, _, _ = stats.means()
     return [p.grad.clone() for p in trainer.net.parameters()], {n: [r[j] for r in means] for j, n in
                                                                 enumerate(names)}  # fmt: skip

@@ -202,6 +202,34 @@ def test_bad_validation_size_is_reported():
         prepare_data(DataConfig(name="digits", val_size=5000))
 
 
+def test_labels_outside_the_classes_in_a_valid_idx_file_are_one_clear_error(tmp_path, capsys):
+    from cawbench.cli import main
+
+    write_mnist_like(tmp_path / "mnist")
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte", np.array([3, 12, 7] * 40))  # label 12 of 10
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cawbench: error: ") and "Traceback" not in err
+    assert "40 training label(s) of mnist are outside [0, 10) (e.g. [12]; first at index 1)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_last_training_batch_of_one_joins_the_batch_before_it():
+    from cawbench.data import BatchTransform, Split, batch_bounds
+
+    assert batch_bounds(129, 128, train=True) == [(0, 129)]
+    assert batch_bounds(257, 128, train=True) == [(0, 128), (128, 257)]
+    assert batch_bounds(130, 128, train=True) == [(0, 128), (128, 130)]
+    assert batch_bounds(129, 128, train=False) == [(0, 128), (128, 129)]  # evaluation: plain slices
+    assert batch_bounds(1, 128, train=True) == [(0, 1)]
+    split = Split(torch.zeros(21, 1, 2, 2, dtype=torch.uint8), torch.arange(21))
+    transform = BatchTransform((0.0,), (1.0,), None, DataConfig(name="synthetic", augment="crop_flip"))
+    batches = list(iterate_batches(split, 10, transform, torch.device("cpu"), train=True, seed=1))
+    assert [len(y) for _, y in batches] == [10, 11]  # every image, each once, every epoch
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(21))
+
+
 @needs_fmnist
 def test_real_fashion_mnist_from_the_debian_package():
     data = prepare_data(DataConfig(name="fashion-mnist", image_size=32))

@@ -11,7 +11,7 @@ import torch
 from cawbench.bench import HostReadCounter
 from cawbench.config import DataConfig
 from cawbench.data import BatchTransform, Split, iterate_batches
-from cawbench.engine import StepStats, Trainer
+from cawbench.engine import Trainer
 from cawbench.method import list_methods
 from cawbench.seeding import epoch_generator
 
@@ -55,7 +55,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(method, tiny_config):
         unit.on_epoch_start(0)
     for step in range(2):  # the second step too: optimiser state exists by then
         with HostReadCounter() as reads:
-            trainer.step(x, y, trainer.schedule_point(0, step), StepStats(len(trainer.units), trainer.device))
+            trainer.step(x, y, trainer.step_state(0, step, trainer.new_stats()))
         assert reads.count == 0, (step, sorted(reads.names))
 
 
@@ -74,42 +74,10 @@ def test_time_limit_leaves_the_config_hash_and_a_full_run_unmarked(tiny_config):
     assert result["truncated"] is False and result["epochs"] == 2
 
 
-def test_bulk_dropout_is_dropout():
-    # Keep rate 1 - p, survivors scaled by 1 / (1 - p), the same mask in backward, reproducible from the seed.
-    from cawbench.fast_dropout import BulkDropout
-
-    drop = BulkDropout(0.1).train()
-    x = torch.ones(200, 500, requires_grad=True)
-    torch.manual_seed(0)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 100k draws: 5 standard errors is ~0.0047
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
-    y.sum().backward()
-    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], y[kept])
-    torch.manual_seed(0)
-    assert torch.equal(drop(x), y)  # same torch seed, same mask
-    assert torch.equal(drop.eval()(x), x)
-
-
-def test_engine_swaps_plain_dropout_on_cpu_only_when_asked(tiny_config):
-    from torch import nn
-
-    from cawbench.fast_dropout import BulkDropout
-
-    def kinds(cfg):
-        return {type(m) for m in Trainer(cfg, write_result=False).net.modules()}
-
-    assert BulkDropout in kinds(tiny_config("caw_conv")) and nn.Dropout not in kinds(tiny_config("caw_conv"))
-    assert nn.Dropout in kinds(tiny_config("caw_conv", train__fast_dropout=False))
-
-
-def test_cpu_trainer_keeps_freed_memory_and_the_switch_leaves_the_hash(tiny_config):
+def test_the_entry_point_keeps_freed_memory_on_glibc():
     import platform
 
-    from cawbench.engine import keep_freed_cpu_memory
+    from cawbench.cli import keep_freed_cpu_memory
 
     # glibc accepts both settings (mallopt returns 1); elsewhere the call is a no-op that says False
     assert keep_freed_cpu_memory() is (platform.libc_ver()[0] == "glibc")
-    off = tiny_config(train__keep_cpu_memory=False)
-    assert off.config_hash() == tiny_config().config_hash()  # an engine knob, not the maths

@@ -21,9 +21,16 @@ import torch
 from local_units import registered
 
 from cawbench.config import OptimConfig
-from cawbench.engine import Trainer
-from cawbench.method import Method, get_method, list_methods
-from cawbench.updates import MergedOptimizers, StepStats, clip_grad_norms_
+from cawbench.engine import (
+    EXECUTORS,
+    MergedOptimizers,
+    StepStats,
+    Trainer,
+    build_executor,
+    clip_grad_norms_,
+    with_replayed_graphs,
+)
+from cawbench.method import Method, StepContext, get_method, list_methods
 
 
 def _train(cfg, epochs: int) -> tuple[Trainer, list[dict]]:
@@ -130,7 +137,7 @@ def test_step_stats_sum_terms_and_scores_by_hand():
             vectors=[([0, 2], "reg", torch.tensor([0.25, 0.75]), [w, w])],
             scores=[(0, right, y), (1, wrong, y)],
         )
-        stats.count_step(__import__("cawbench.method", fromlist=["StepContext"]).StepContext(0, 1, step))
+        stats.count_step(StepContext(0, 1, step))
     names, means, weighted, firsts = stats.means()
     assert names == ["aux", "ce", "reg"]
     nan = float("nan")
@@ -186,66 +193,100 @@ def test_shared_loss_pieces_give_the_same_training_to_float_rounding(method, tin
             assert mine["train_loss"][term] == pytest.approx(values, rel=1e-5, abs=1e-9), term
 
 
-@pytest.mark.parametrize("executor", ["pipeline", "threads", "streams", "graph"])
+@pytest.mark.parametrize("method", ["caw_conv", "cwcomp"])
+def test_merged_sums_keep_budget_weights_and_each_units_active_steps(method, tiny_config):
+    # Under train.budget_schedules the loss weights move every step (CAW-Conv's ortho warm-up: weighted sums
+    # are summed step by step) and units may train only part of an epoch (CwComp's ILT windows, in the
+    # horizon's epochs: each unit's mean is over its own active steps); the merged sums keep both exactly.
+    extra = {
+        "caw_conv": dict(train__schedule_epochs=150),
+        "cwcomp": dict(train__schedule_epochs=4, params__ilt_windows=[[0, 1], [1, 3], [0, 4], [0, 4]]),
+    }[method]
+    common = dict(COMMON, train__budget_schedules=True, **extra)
+    alone, records = _train(tiny_config(method, train__merge_units="none", **common), 2)
+    merged, merged_records = _train(tiny_config(method, train__merge_units="steps", **common), 2)
+    for (name, a), (_, b) in zip(_params(alone), _params(merged), strict=True):
+        assert torch.equal(a, b), name
+    assert merged_records == records
+    if method == "cwcomp":  # 3 steps per epoch at 0, 2/3, 4/3 | 2, 8/3, 10/3: layer 0 trains in epoch 0 only
+        assert any(v[0] is not None for v in records[0]["train_loss"].values())
+        assert all(v[0] is None for v in records[1]["train_loss"].values())
+    else:  # the warm-up moves the ortho weight within the first epoch: weighted != weight x mean
+        first = records[0]
+        assert 0 < first["train_loss_weighted"]["ortho"][0] < 1e-3 * first["train_loss"]["ortho"][0]
+
+
+#: every executor of the registry; the pipeline also with CPU worker threads (each worker's batch one scope)
+EXECUTOR_RUNS = [(name, 1) for name in EXECUTORS.names()] + [("pipeline", 3)]
+#: 10 batches of 16 per epoch (TinyCNN's 4 units where a method can take it): the replayed CUDA-graph
+#: executors capture (the pipeline's steady-state ticks too), and the last batch of each epoch is smaller
+EXECUTOR_COMMON = dict(train__epochs=2, data__subset=150, train__batch_size=16, train__seed=3)
+TINY = dict(model__arch="tinycnn")
+
+
+def _executor_run(cfg, name: str, threads: int) -> Trainer:
+    """Two epochs through executor ``name`` built from the registry as the trainer builds it (the CUDA-graph
+    ones with replayed "graphs": their data flow on the CPU)."""
+    parallel = {"pipeline": "pipeline", "streams": "streams"}.get(name, "off")
+    trainer = Trainer(
+        cfg.replace(**{"train.parallel": parallel, "train.pipeline_threads": threads}), write_result=False
+    )
+    setup = trainer.executor_setup
+    if name in ("cuda_graph", "pipeline") and threads == 1:
+        setup = with_replayed_graphs(setup)
+    trainer.executor = build_executor(name, setup)
+    for epoch in range(cfg.train.epochs):
+        trainer.train_epoch(epoch)
+    return trainer
+
+
+def _one_thread_if(threads: int):
+    """Worker threads run with one intra-op thread; so does their reference (sums follow the threads)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        before = torch.get_num_threads()
+        if threads > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return scope()
+
+
+@pytest.mark.parametrize(("executor", "threads"), EXECUTOR_RUNS, ids=[f"{n}-{t}" for n, t in EXECUTOR_RUNS])
 @pytest.mark.parametrize("method", ["caw_conv", "cwcomp", "ff", "local"])
-def test_merged_updates_equal_unmerged_under_every_executor(method, executor, tiny_config):
-    # Each executor scopes the merged updates its own way (a pipeline tick, a worker's batch, the streams'
-    # join, a captured step): the same parameters as the units updating one by one in that executor.
-    from cawbench.engine import GraphedSteps, ReplayBackend
-
-    def run(merge: str, name: str) -> Trainer:
-        extra = {"pipeline": dict(train__parallel="pipeline"), "streams": dict(train__parallel="streams"),
-                 "threads": dict(train__parallel="pipeline", train__pipeline_threads=3),
-                 "graph": {}}[executor]  # fmt: skip
-        if executor == "threads" and name == "caw_conv":  # workers' dropout draws interleave at random
-            extra["params__dropout"] = 0.0
-        cfg = tiny_config(name, train__merge_units=merge, **COMMON, **extra)
-        trainer = Trainer(cfg, write_result=False)
-        if executor == "graph":
-            trainer.graphed = GraphedSteps(trainer.step, 32, warmup=1, backend=ReplayBackend())
-        for epoch in range(2):
-            trainer.train_epoch(epoch)
-        return trainer
-
-    before = torch.get_num_threads()
-    if executor == "threads":
-        torch.set_num_threads(1)
-    try:
-        with registered() as local:
-            name = local if method == "local" else method
-            alone, merged = run("none", name), run("steps", name)
-    finally:
-        torch.set_num_threads(before)
+def test_merged_updates_equal_unmerged_under_every_executor(method, executor, threads, tiny_config):
+    # Each executor scopes the merged updates its own way (the step, the streams' join, a captured step, a
+    # pipeline tick, a worker's batch): the same parameters as the units updating one by one in it.
+    extra = dict(TINY) if method in ("caw_conv", "local") else {}  # CwComp, FF: their own networks
+    if threads > 1 and method == "caw_conv":  # workers' dropout draws interleave at random
+        extra["params__dropout"] = 0.0
+    with registered() as local, _one_thread_if(threads):
+        name = local if method == "local" else method
+        runs = [
+            _executor_run(tiny_config(name, train__merge_units=merge, **{**EXECUTOR_COMMON, **extra}),
+                          executor, threads)
+            for merge in ("none", "steps")
+        ]  # fmt: skip
+    alone, merged = runs
     for (n, a), (_, b) in zip(_params(alone), _params(merged), strict=True):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("executor", ["pipeline", "threads", "streams", "graph"])
-def test_shared_loss_pieces_under_every_executor(executor, tiny_config):
+@pytest.mark.parametrize(("executor", "threads"), EXECUTOR_RUNS, ids=[f"{n}-{t}" for n, t in EXECUTOR_RUNS])
+def test_shared_loss_pieces_under_every_executor(executor, threads, tiny_config):
     # A pipeline tick or worker shares the pieces of the units it runs (subsets of the network, padded to
-    # their own widest assignment); SGD and float tolerance as in the sequential test above.
-    from cawbench.engine import GraphedSteps, ReplayBackend
-
-    extra = {"pipeline": dict(train__parallel="pipeline"), "streams": dict(train__parallel="streams"),
-             "threads": dict(train__parallel="pipeline", train__pipeline_threads=3, params__dropout=0.0),
-             "graph": {}}[executor]  # fmt: skip
-    common = dict(COMMON, optim__name="sgd", optim__lr=0.05, model__arch="resnet17", **extra)
-
-    def run(merge: str) -> Trainer:
-        trainer = Trainer(tiny_config("caw_conv", train__merge_units=merge, **common), write_result=False)
-        if executor == "graph":
-            trainer.graphed = GraphedSteps(trainer.step, 32, warmup=1, backend=ReplayBackend())
-        for epoch in range(2):
-            trainer.train_epoch(epoch)
-        return trainer
-
-    before = torch.get_num_threads()
-    if executor == "threads":
-        torch.set_num_threads(1)
-    try:
-        alone, shared = run("none"), run("all")
-    finally:
-        torch.set_num_threads(before)
+    # the network's widest assignment); SGD and float tolerance as in the sequential test above.
+    common = dict(EXECUTOR_COMMON, **TINY, optim__name="sgd", optim__lr=0.05, params__dropout=0.0)
+    with _one_thread_if(threads):
+        alone, shared = [
+            _executor_run(tiny_config("caw_conv", train__merge_units=merge, **common), executor, threads)
+            for merge in ("none", "all")
+        ]
     for (name, a), (_, b) in zip(_params(alone), _params(shared), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 

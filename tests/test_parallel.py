@@ -1,4 +1,5 @@
-"""Layer-parallel (pipeline) training computes exactly what the sequential mode computes."""
+"""Every executor (sequential, streams, CUDA graph, pipeline: the engine's registry) computes exactly what
+the sequential mode computes; the graph executors' data flow checked on the CPU with replayed "graphs"."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from local_units import registered
 
 from cawbench.config import ConfigError
-from cawbench.engine import Trainer
+from cawbench.engine import EXECUTORS, GraphedSteps, Trainer, build_executor, with_replayed_graphs
 
 
 def _train(cfg) -> Trainer:
@@ -72,7 +73,7 @@ def test_graph_runner_replays_every_full_batch_once(tiny_config):
                       train__epochs=2, train__seed=5)  # fmt: skip
         eager = _train(tiny_config(method, **common))
         graphed = Trainer(tiny_config(method, **common), write_result=False)
-        graphed.graphed = GraphedSteps(graphed.step, 20, warmup=2, backend=ReplayBackend())
+        graphed.executor = GraphedSteps(graphed.step, 20, warmup=2, backend=ReplayBackend())
         records = [graphed.train_epoch(epoch) for epoch in range(2)]
     for a, b in zip(eager.net.parameters(), graphed.net.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -84,7 +85,7 @@ def test_a_failing_unit_in_a_pipeline_worker_raises_in_the_caller(tiny_config):
         cfg = tiny_config(method, model__arch="tinycnn", model__width=0.1, train__batch_size=10,
                           data__subset=60, train__parallel="pipeline", train__pipeline_threads=2)  # fmt: skip
         trainer = Trainer(cfg, write_result=False)
-        assert trainer.pipeline_groups == [[0, 1], [2, 3]] or len(trainer.pipeline_groups) == 2
+        assert trainer.executor.groups == [[0, 1], [2, 3]] or len(trainer.executor.groups) == 2
 
         def broken(*args, **kwargs):
             raise FloatingPointError("unit 3 broke")
@@ -118,7 +119,7 @@ def test_captured_pipeline_ticks_give_the_same_parameters_as_sequential(tiny_con
         backend = ReplayBackend()
         captured = []
         backend.capture = lambda fn: captured.append(fn) or fn
-        piped.pipeline = PipelineRunner(piped.step, 10, backend, warmup=1)
+        piped.executor = PipelineRunner(piped.step, 10, backend, warmup=1)
         records = [piped.train_epoch(epoch) for epoch in range(2)]
     assert len(captured) == 4  # two tick graphs (alternating buffers) per epoch
     for a, b in zip(seq.net.parameters(), piped.net.parameters(), strict=True):
@@ -139,3 +140,37 @@ def test_streams_mode_gives_the_same_parameters_as_sequential(tiny_config):
         assert torch.equal(a, b)
     for mine, theirs in zip(streams.records, seq.records, strict=True):
         assert mine["train_loss"] == theirs["train_loss"]
+
+
+def test_the_configuration_picks_the_executor_by_name(tiny_config):
+    assert EXECUTORS.names() == ["cuda_graph", "pipeline", "sequential", "streams"]
+    with registered() as method:
+        for parallel, name in (("off", "sequential"), ("streams", "streams"), ("pipeline", "pipeline")):
+            trainer = Trainer(tiny_config(method, model__arch="tinycnn", train__parallel=parallel))
+            assert trainer.executor_name == name
+
+
+@pytest.mark.parametrize("name", EXECUTORS.names())
+def test_every_executor_gives_the_sequential_parameters_and_records(tiny_config, name):
+    # ResNet-17 wiring, 2 epochs of 4 batches (the last smaller), each executor built from the registry as
+    # the trainer builds it; the CUDA-graph ones with replayed "graphs" (their data flow, on the CPU).
+    with registered() as method:
+        common = dict(model__arch="resnet17", model__width=0.04, train__batch_size=40, data__subset=150,
+                      train__epochs=2, train__seed=7)  # fmt: skip
+        seq = _train(tiny_config(method, **common))
+        parallel = "pipeline" if name == "pipeline" else "streams" if name == "streams" else "off"
+        other = Trainer(tiny_config(method, train__parallel=parallel, **common), write_result=False)
+        setup = other.executor_setup
+        if name == "cuda_graph" or name == "pipeline":
+            setup = with_replayed_graphs(setup)
+        other.executor = build_executor(name, setup)
+        built = other.executor
+        runs = type(getattr(built, "run_batch", built)).__name__  # what runs a batch (or the executor)
+        assert runs == {"sequential": "BatchStep", "streams": "StreamsStep", "cuda_graph": "BatchStep",
+                        "pipeline": "PipelineRunner"}[name], runs  # fmt: skip
+        assert (type(built) is GraphedSteps) == (name == "cuda_graph")
+        records = [other.train_epoch(epoch) for epoch in range(2)]
+    for (label, a), (_, b) in zip(seq.net.named_parameters(), other.net.named_parameters(), strict=True):
+        assert torch.equal(a, b), (name, label)
+    for mine, theirs in zip(records, seq.records, strict=True):
+        assert mine["train_loss"] == theirs["train_loss"] and mine["train_acc"] == theirs["train_acc"]

@@ -34,6 +34,24 @@ def test_names_filter_with_wildcards():
     assert reg.names("*", exclude="vgg*") == ["resnet17", "resnet33"]
 
 
+def test_loader_fills_the_registry_once_before_the_first_lookup_and_entries_can_be_removed():
+    calls = []
+    reg: Registry[int] = Registry("widget", loader=lambda: calls.append(reg.add("late", 1)))
+    reg.add("early", 0)  # adding does not load
+    assert calls == []
+    assert reg.names() == ["early", "late"] and "late" in reg and reg.get("late") == 1
+    assert len(calls) == 1
+    reg.remove("late")
+    assert reg.names() == ["early"]
+    with pytest.raises(RegistryError, match="widget 'late' is not registered"):
+        reg.remove("late")
+
+
+def test_method_plans_are_found_without_importing_the_method_first():
+    # cafo_cnn is registered by methods/cafo.py; the architecture registry loads the method files itself
+    assert "cafo_cnn" in ARCHS.names() and "cwcomp_cnn100" in ARCHS.names()
+
+
 @pytest.mark.parametrize(
     "registry, expected",
     [

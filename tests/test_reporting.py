@@ -10,16 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cawbench.reporting.aggregate import (
-    MISSING,
-    aggregate,
-    cells,
-    delta_cells,
-    format_cell,
-    markdown_table,
-    paired_deltas,
-    pivot_cells,
-)
+from cawbench.reporting.aggregate import MISSING, aggregate, cells, format_cell, markdown_table, pivot_cells
+
+#: two-sided 95 % Student-t quantiles t(0.975, df) as printed in statistics tables, df = 1, 2, 3
+T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263}
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -56,28 +50,80 @@ def test_aggregate_equals_hand_computation():
     assert "60.00 (1)" in text  # n = 1: no ±
 
 
-def test_paired_deltas_equal_hand_computation():
-    deltas = paired_deltas(small_table(), ["dataset"], "variant", "full", "final_test_acc")
-    d = deltas.set_index(["dataset", "variant"])
-    # minus_h - full per seed: -1.0, +0.5, -1.0
-    assert d.loc[("mnist", "minus_h"), "delta_mean"] == pytest.approx(-0.5)
-    assert d.loc[("mnist", "minus_h"), "delta_std"] == pytest.approx(math.sqrt(0.75))
-    assert d.loc[("mnist", "minus_h"), "n_pairs"] == 3
-    # minus_o: seeds 0 and 1 only: -10, -7
-    assert d.loc[("mnist", "minus_o"), "delta_mean"] == pytest.approx(-8.5)
-    assert d.loc[("mnist", "minus_o"), "delta_std"] == pytest.approx(math.sqrt(4.5))
-    assert d.loc[("mnist", "minus_o"), "n_pairs"] == 2
-    assert d.loc[("mnist", "full"), "delta_mean"] == 0.0
-    assert d.loc[("mnist", "lonely"), "n_pairs"] == 0  # no common seed: no delta, not zero
-    shown = delta_cells(deltas.reset_index(drop=True)).tolist()
-    assert "-0.50 ± 0.87 (3)" in shown and "-8.50 ± 2.12 (2)" in shown
-    assert shown[list(deltas["variant"]).index("lonely")] == MISSING
+def test_paired_effects_equal_hand_computed_t_intervals():
+    from cawbench.reporting.stats import effect_cells, paired_effects
+
+    against = {"minus_h": "full", "minus_o": "full", "lonely": "full"}
+    effects = paired_effects(small_table(), ["dataset"], "variant", against, "final_test_acc")
+    e = effects.set_index(["dataset", "variant"])
+    # minus_h - full per seed: -1.0, +0.5, -1.0: mean -0.5, sd sqrt(0.75), n 3
+    half = T_975[2] * math.sqrt(0.75) / math.sqrt(3)
+    assert e.loc[("mnist", "minus_h"), "mean"] == pytest.approx(-0.5)
+    assert (e.loc[("mnist", "minus_h"), "low"], e.loc[("mnist", "minus_h"), "high"]) == (
+        pytest.approx(-0.5 - half), pytest.approx(-0.5 + half))  # fmt: skip
+    assert e.loc[("mnist", "minus_h"), "n"] == 3 and not e.loc[("mnist", "minus_h"), "resolved"]
+    # minus_o: seeds 0 and 1 only: -10, -7: mean -8.5, sd sqrt(4.5), n 2
+    half_o = T_975[1] * math.sqrt(4.5) / math.sqrt(2)
+    assert e.loc[("mnist", "minus_o"), "high"] == pytest.approx(-8.5 + half_o)
+    assert e.loc[("mnist", "minus_o"), "n"] == 2
+    assert e.loc[("mnist", "lonely"), "n"] == 0  # no common seed: no difference, not zero
+    shown = dict(zip(effects["variant"], effect_cells(effects)))
+    assert shown["minus_h"] == f"-0.50 [{-0.5 - half:+.2f}, {-0.5 + half:+.2f}] (3), not resolved"
+    assert shown["minus_o"] == f"-8.50 [{-8.5 - half_o:+.2f}, {-8.5 + half_o:+.2f}] (2), not resolved"
+    assert shown["lonely"] == MISSING
+
+
+def test_t_interval_resolves_only_when_it_excludes_zero():
+    from cawbench.reporting.stats import format_effect, t_interval
+
+    clear = t_interval([1.0, 1.2, 0.8, 1.1])  # mean 1.025, sd 0.17078, n 4: [0.753, 1.297]
+    assert clear.resolved and clear.low == pytest.approx(1.025 - T_975[3] * 0.1707825 / 2, abs=1e-5)
+    assert format_effect(clear) == "+1.02 [+0.75, +1.30] (4)"
+    one = t_interval([3.0])
+    assert not one.resolved and format_effect(one) == "+3.00 (1), not resolved"  # no interval from one seed
+    assert not t_interval([-1.0, 1.0, 0.5]).resolved
+    assert format_effect(t_interval([])) == MISSING
+
+
+def test_spreads_compare_configurations_with_seeds():
+    from cawbench.reporting.stats import spreads
+
+    rows = pd.DataFrame({"config": ["a", "a", "b", "b"], "v": [1.0, 3.0, 5.0, 7.0]})
+    s = spreads(rows, "config", "v")  # within: var 2 each -> sd sqrt(2); means 2, 6 -> sd sqrt(8)
+    assert (s.seed_sd, s.config_sd, s.n_configs) == (
+        pytest.approx(math.sqrt(2)),
+        pytest.approx(math.sqrt(8)),
+        2,
+    )
+    assert s.informative
+    noisy = spreads(pd.DataFrame({"config": ["a", "a", "b", "b"], "v": [1.0, 9.0, 2.0, 8.0]}), "config", "v")
+    assert not noisy.informative and "against seed spread" in noisy.describe("v")
+    single = spreads(pd.DataFrame({"config": ["a", "b", "c"], "v": [1.0, 5.0, 9.0]}), "config", "v")
+    assert math.isnan(single.seed_sd) and not single.informative  # one seed each: noise unknown
+    assert "unknown (no configuration ran on 2 or more seeds)" in single.describe("v")
 
 
 def test_pairing_refuses_ambiguous_seeds():
+    from cawbench.reporting.stats import paired_effects
+
     table = pd.concat([small_table(), small_table().iloc[[0]]])  # full/mnist/seed 0 twice
     with pytest.raises(ValueError, match="several runs share"):
-        paired_deltas(table, ["dataset"], "variant", "full", "final_test_acc")
+        paired_effects(table, ["dataset"], "variant", {"minus_h": "full"}, "final_test_acc")
+
+
+def test_ladder_rungs_build_on_extends_else_the_variant_before():
+    from types import SimpleNamespace
+
+    from cawbench.reporting.source import predecessors
+
+    variants = {"caw_conv": {}, "deeperforward": {}, "ladder01_a": {}, "ladder02_b": {}, "ladder03_c": {},
+                "minus_x": {}}  # fmt: skip
+    raw = {"variants": {"ladder03_c": {"extends": "ladder01_a"}}}
+    spec = SimpleNamespace(variants=variants, raw=raw)
+    assert predecessors(spec) == {"ladder01_a": "deeperforward", "ladder02_b": "ladder01_a",
+                                  "ladder03_c": "ladder01_a"}  # fmt: skip
+    parsed = SimpleNamespace(variants=variants, raw={}, extends={"minus_x": "caw_conv"})
+    assert predecessors(parsed)["minus_x"] == "caw_conv"
 
 
 def test_missing_cells_render_as_dash_never_zero():
@@ -190,31 +236,36 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
     assert f"report written to {out / 'README.md'}" in capsys.readouterr().out
     markdown = (out / "README.md").read_text()
 
-    tables = ["results", "paper_comparison", "ablation", "configurations", "importance", "cost", "runs",
-              "depth_width", "sensitivity_model.width", "learning_curves_digits", "per_layer_digits",
-              "lcs_weights_digits"]  # fmt: skip
+    tables = ["results", "paper_comparison", "ablation", "configurations", "cost", "runs", "spreads",
+              "depth_width", "learning_curves_digits"]  # fmt: skip
     for name in tables:
         assert (out / "tables" / f"{name}.csv").stat().st_size > 0, name
     assert r"\begin{tabular}" in (out / "tables" / "paper_comparison.tex").read_text()
-    figures = ["sensitivity_model.width", "importance", "parallel_coordinate", "depth_width_full_digits_mlp",
-               "depth_width_smooth_digits_mlp", "learning_curves_digits", "per_layer_digits",
-               "lcs_weights_digits", "assignment_full_digits", "assignment_smooth_digits"]  # fmt: skip
+    figures = ["sensitivity", "parallel_coordinate", "depth_width_full_digits_mlp", "depth_width_smooth_digits_mlp",
+               "learning_curves_digits", "assignment_digits"]  # fmt: skip
     for name in figures:
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"](figures/{name}.png)" in markdown, name
     assert sorted(p.stem for p in (out / "figures").iterdir()) == sorted(figures)
+    # One MLP unit per run: per-layer views say why they are left out instead of drawing one point.
+    assert "Per-layer accuracy: no run has per-layer accuracy of two or more scoring units" in markdown
 
     # The header says how, where and with what the report was made.
     for needle in ("**Command:** `cawbench report", "**Hardware (runs):** cpu", "**Date:**",
-                   "optuna 5", f"`{out_dir / 'optuna.journal'}`", "ddof=1"):  # fmt: skip
+                   "optuna 5", f"`{out_dir / 'optuna.journal'}`", "ddof=1", "**Code (runs):** git `"):  # fmt: skip
         assert needle in markdown, needle
-    assert (
-        "PED-ANOVA" in markdown and "FanovaImportanceEvaluator(n_trees=64, max_depth=64, seed=0)" in markdown
-    )
+    # Two widths x two seeds: the spread check decides whether importance may be shown, and says why.
+    spread = pd.read_csv(out / "tables" / "spreads.csv").iloc[0]
+    results = pd.read_json(out_dir / "results.jsonl", lines=True)
+    per_config = results.groupby("config_id")["final_val_acc"]
+    assert spread["configuration_sd"] == pytest.approx(per_config.mean().std(ddof=1))
+    assert spread["seed_sd"] == pytest.approx(math.sqrt(per_config.var(ddof=1).mean()))
+    assert bool(spread["informative"]) == (spread["configuration_sd"] > spread["seed_sd"])
+    assert f"configuration spread {spread['configuration_sd']:.2f} points" in markdown
+    assert ("PED-ANOVA" in markdown) == bool(spread["informative"])
 
     # The numbers in the Markdown equal a hand aggregation of the results table.
-    results = pd.read_json(out_dir / "results.jsonl", lines=True)
     best = _hand_best_runs(results)
     shown = {r[0]: r for r in _markdown_rows(markdown, "Results")}
     assert set(shown) == {"full", "smooth"}
@@ -226,19 +277,22 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
     assert [r[0] for r in ablation] == ["full", "smooth"]  # the reference first
     ref = best["full"].set_index("seed")["final_test_acc"]
     diffs = best["smooth"].set_index("seed")["final_test_acc"] - ref
+    half = T_975[1] * diffs.std(ddof=1) / math.sqrt(2)
+    low, high = diffs.mean() - half, diffs.mean() + half
+    expected = f"{diffs.mean():+.2f} [{low:+.2f}, {high:+.2f}] (2)"
     assert ablation[0][3] == "reference"
-    assert ablation[1][3] == f"{diffs.mean():+.2f} ± {diffs.std(ddof=1):.2f} (2)"
+    assert ablation[1][3] == expected + ("" if low > 0 or high < 0 else ", not resolved")
 
     # Paper rows: ours beside the published number; rows we did not run show "–", not zero.
     paper_rows = {r[0]: r for r in _markdown_rows(markdown, "Paper comparison")}
     bp = paper_rows["Backprop"]
     assert bp[4] == "97.50 ± 0.50"
+    assert "ours (cpu scale): final-epoch test (choices on validation)" in markdown
     ours = pd.concat(best.values())
     ours = ours[ours["study_variant"] == "full"]["final_test_acc"]
     assert bp[5] == f"{ours.mean():.2f} ± {ours.std(ddof=1):.2f} (2)"
     assert bp[6] == f"{ours.mean() - 97.5:+.2f}"
     assert paper_rows["CAW-Conv"][5:9] == [MISSING] * 4
-    assert "final-epoch test (choices on validation)" in markdown
     assert "best-epoch test (max over epochs)" in markdown
 
     # Depth x width: the means in the heatmap table equal the hand means of each width.
@@ -251,16 +305,37 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
 
 def test_results_folder_report(finished_study, tmp_path):
     """A plain results folder (no study) still gives the results table; study-only sections say why."""
-    from cawbench.reporting.report import render_report
+    from cawbench.reporting.report import _Builder
     from cawbench.reporting.source import load_source
 
     _, out_dir, paper = finished_study
     source = load_source(str(out_dir))
-    assert source.study is None and len(source.rows) == 8
-    report = render_report(source, tmp_path / "plain", "test", paper)
-    assert "Optuna study" in report.omitted["importance"]
-    assert "- Parameter importance: the runs do not come from an Optuna study." in report.markdown
-    assert report.tables["results"]["final_test_acc_n"].tolist() == [2, 2]
+    assert source.study is None and len(source.rows) == 8 and source.origin == "results folder"
+    builder = _Builder(source, tmp_path / "plain", "test", paper, [], None)
+    builder.results()
+    builder.importance(informative=True)
+    builder.history()
+    assert (
+        builder.report.omitted["importance"]
+        == "Parameter importance: the runs do not come from an Optuna study"
+    )
+    assert "Optuna study" in builder.report.omitted["history"]
+    assert builder.report.tables["results"]["final_test_acc_n"].tolist() == [2, 2]
+
+
+def test_a_malformed_results_line_is_named_and_skipped(finished_study, tmp_path, capsys):
+    """A torn or hand-broken line of results.jsonl: the report names file and line and reads the rest."""
+    from cawbench.reporting.source import load_source
+
+    _, out_dir, _ = finished_study
+    folder = tmp_path / "torn"
+    folder.mkdir()
+    lines = (out_dir / "results.jsonl").read_text().splitlines()
+    (folder / "results.jsonl").write_text("\n".join([lines[0], '{"method": "backp', *lines[1:]]) + "\n")
+    source = load_source(str(folder))
+    assert len(source.rows) == 8
+    err = capsys.readouterr().err
+    assert f"cawbench: warning: {folder / 'results.jsonl'}, line 2: not valid JSON" in err
 
 
 def test_study_without_finished_trials_gives_a_clear_message(tmp_path, capsys):

@@ -160,7 +160,7 @@ def test_diverging_configuration_fails_with_reason_and_the_study_goes_on(tmp_pat
     assert trials["ok"].state == TrialState.COMPLETE
     bad = trials["huge_lr"]
     assert bad.state == TrialState.FAIL
-    assert bad.user_attrs["fail_reason"].startswith("diverged: loss term 'ce'")
+    assert bad.user_attrs["fail_reason"].startswith("diverged: ce, layer 0, epoch 1/1")
     run = MlflowClient(tracking_uri=tracking_uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["cawbench.fail_reason"].startswith("diverged")
     # A final failure is not retried by a plain re-run, only with --retry-failed.
@@ -264,6 +264,9 @@ def test_killed_worker_resumes_with_every_trial_complete_exactly_once(tmp_path, 
         retry[0].user_attrs["mlflow_run_id"], "val_acc"
     )
     assert sorted(m.step for m in history) == list(range(20))  # resumed epochs are logged too
+    orphan = MlflowClient(tracking_uri=tracking_uri).get_run(victim.user_attrs["mlflow_run_id"])
+    assert orphan.info.status == "KILLED"  # not RUNNING forever: closed when the trial was found stale
+    assert orphan.data.tags["cawbench.fail_reason"].startswith("worker died")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["plan_key"] for r in rows) == ["a/seed=0", "b/seed=0", "c/seed=0"]
 
@@ -382,10 +385,20 @@ def test_shipped_spec_loads_and_validates(name):
             assert overrides["variant"] == r["variant"]
     if name == "sensitivity":
         assert spec.sampler_name == "qmc" and len(spec.search_space) == 5
-    if name == "caw_regularizers":
-        dims = {d.key: d for d in spec.search_space}
-        for key in ("params.lambda_entropy", "params.lambda_ortho"):
-            assert dims[key].log and dims[key].high / dims[key].low >= 1e4
+    if name == "caw_regularizers":  # entropy {off, min, max} x ortho {off, released, frobenius}, then sweeps
+        grid = {
+            (p.get("params.lambda_entropy", 1e-2) > 0 and p.get("params.entropy_direction", "minimize"),
+             p.get("params.lambda_ortho", 1e-3) > 0 and p.get("params.ortho_form", "released"))
+            for v, p in spec.variants.items() if "lambda_" not in v
+        }  # fmt: skip
+        assert grid == {
+            (e, o) for e in (False, "minimize", "maximize") for o in (False, "released", "frobenius")
+        }
+        for form in ("ent_min", "ent_max", "frobenius"):
+            swept = [p for v, p in spec.variants.items() if v.startswith(f"{form}__lambda_")]
+            weights = [p.get("params.lambda_entropy", p.get("params.lambda_ortho")) for p in swept]
+            assert max(weights) / min(weights) >= 1e2  # orders of magnitude
+        assert spec.seeds_for("cpu") == (0, 1, 2)
 
 
 def test_quasi_random_plan_is_seeded_in_bounds_and_extends_its_prefix():
@@ -400,6 +413,21 @@ def test_quasi_random_plan_is_seeded_in_bounds_and_extends_its_prefix():
     assert {i.params["model.depth"] for i in plan} <= {1, 2, 3}
     assert spec.plan("cpu") == plan  # seeded
     assert spec.plan("cpu", n_trials=16)[:16] == plan  # growing the budget keeps the points run so far
+
+
+def test_a_scale_runs_its_named_variant_subset_in_spec_order():
+    variants = {"a": {}, "b": {"optim.lr": 0.02}, "c": {"optim.lr": 0.03}}
+    spec = digits_spec("sub", variants=variants)
+    spec["scales"]["cpu"]["variant_subset"] = ["c", "a"]
+    spec = parse_spec(spec)
+    assert spec.variants_for("cpu") == ["a", "c"] and spec.variants_for("paper") == ["a", "b", "c"]
+    assert [(i.params["variant"], i.seed) for i in spec.plan("cpu")] == [
+        ("a", 0),
+        ("a", 1),
+        ("c", 0),
+        ("c", 1),
+    ]
+    assert len(spec.plan("paper")) == 6
 
 
 def lr_dim(low: float, high: float, **extra: Any) -> dict[str, Any]:
@@ -428,7 +456,10 @@ BAD_SPECS = [
     ({**TPE, "n_trials": None, **lr_space()}, "needs n_trials"),
     ({"seeds": [0, 0]}, "contain duplicates"),
     ({"scales": {"cpu": {"variants": {"nope": {}}}}}, "unknown variant 'nope'"),
+    ({"variants": {"a": {}}, "scales": {"cpu": {"variant_subset": ["b"]}}}, "unknown variant 'b'"),
+    ({"variants": {"a": {}}, "scales": {"cpu": {"variant_subset": []}}}, "variant_subset must be a non-empty"),
     ({"variants": {"a": {}}, "pruner": {"name": "median"}}, "pruning would leave holes"),
+    ({"variants": {"noval": {"data.val_size": 0}}}, "data.val_size=0 leaves no validation split, but the objective"),
 ]  # fmt: skip
 
 
@@ -455,6 +486,72 @@ def test_unknown_scale_storage_and_spec_change_are_clear_errors(tmp_path):
         run_study(run_opts(write_spec(tmp_path, changed), out, "off"))
 
 
+def test_a_study_whose_every_trial_failed_exits_non_zero_with_the_reasons(tmp_path, capsys):
+    from cawbench.cli import main
+
+    spec = digits_spec("allfail", seeds=[0, 1], variants={"huge": {"optim.name": "sgd", "optim.lr": 1.0e30}})
+    path, out = write_spec(tmp_path, spec), tmp_path / "runs"
+    argv = ["study", "run", str(path), "--out-dir", str(out), "--tracking-uri", "off", "--threads", "1"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert (
+        "cawbench: error: every trial of study allfail-cpu failed (2 failed, none complete):" in captured.err
+    )
+    assert (
+        "  2 x diverged: ce, layer 0, epoch 1/1: its mean is nan; lower optim.lr (now 1e+30)" in captured.err
+    )
+    assert "re-run with --retry-failed" in captured.err
+    assert "failed trials are not repeated by a plain re-run" in captured.out  # the summary says it too
+    assert not (out / "results.jsonl").exists()
+
+
+def test_study_commands_refuse_bad_places_before_creating_anything(tmp_path, capsys):
+    from cawbench.cli import main
+
+    path, out = write_spec(tmp_path, digits_spec("places", seeds=[0])), tmp_path / "runs"
+    assert main(["study", "status", str(path), "--out-dir", str(out)]) == 2
+    assert "there is no Optuna journal at" in capsys.readouterr().err
+    assert main(["study", "run", str(path), "--out-dir", str(out), "--tracking-uri", "bogus://x"]) == 2
+    assert "--tracking-uri 'bogus://x': unsupported scheme 'bogus'" in capsys.readouterr().err
+    assert not out.exists()  # neither command created the folder or a journal
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert main(["study", "run", str(path), "--out-dir", str(afile), "--tracking-uri", "off"]) == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+
+
+def _create_store(uri: str, start: Any, errors: Any) -> None:
+    from cawbench.studies.tracking import create_store
+
+    start.wait()
+    try:
+        create_store(uri)
+        errors.put(None)
+    except Exception as exc:
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_study_processes_on_a_fresh_out_dir_create_the_mlflow_store_once(tmp_path):
+    """Two processes run MLflow's schema migrations on the same new sqlite file at the same moment (without
+    the lock one of them fails in alembic, every time here); the store is created under a lock instead.
+    Forked, so that neither pays for importing MLflow again."""
+    import multiprocessing
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ctx = multiprocessing.get_context("fork")
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_create_store, args=(uri, start, errors)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(timeout=120)
+    assert [errors.get(timeout=5) for _ in procs] == [None, None]
+    assert MlflowClient(tracking_uri=uri).search_experiments()  # one working store
+
+
 def test_status_and_list_commands(tmp_path, capsys):
     from cawbench.cli import main
 
@@ -470,3 +567,21 @@ def test_status_and_list_commands(tmp_path, capsys):
     summary = summarize(optuna.load_study(study_name="cli-cpu", storage=open_storage(None, out).storage),
                         load_spec(path), "cpu")  # fmt: skip
     assert summary["configs"][0]["n"] == 2 and summary["configs"][0]["std"] is not None
+
+
+def test_a_variant_extends_one_declared_before_it_and_chains():
+    variants = {
+        "a": {"optim.lr": 0.1, "train.batch_size": 32},
+        "b": {"extends": "a", "optim.lr": 0.2},  # its own key wins
+        "c": {"extends": "b", "model.hidden": [16]},  # a chain: a's and b's overrides, then its own
+    }
+    spec = parse_spec(digits_spec("ext", variants=variants))
+    assert spec.variants["b"] == {"optim.lr": 0.2, "train.batch_size": 32}
+    assert spec.variants["c"] == {"optim.lr": 0.2, "train.batch_size": 32, "model.hidden": [16]}
+    assert spec.resolve("cpu", "c", {}, seed=0).model.hidden == (16,)
+    assert spec.extends == {"b": "a", "c": "b"}  # the ladder, for reports (each rung's predecessor)
+    with pytest.raises(ConfigError, match=r"variants.a.extends='b': a variant extends one declared before it; "
+                                          r"declared before: \(none: it is the first variant\)"):  # fmt: skip
+        parse_spec(digits_spec("ext", variants={"a": {"extends": "b"}, "b": {}}))
+    with pytest.raises(ConfigError, match="variants.b.extends='zz'.*declared before: a"):
+        parse_spec(digits_spec("ext", variants={"a": {}, "b": {"extends": "zz"}}))

@@ -4,9 +4,8 @@ Conventions (the same everywhere in a report):
 
 - std is the sample standard deviation (ddof=1, pandas' default) and n is always stated; a cell over one
   run shows its value and ``(1)`` with no ``±``, because one run has no spread;
-- a paired delta compares a configuration with a named reference run for run *on the same seed*: the
-  per-seed differences ``x_s - ref_s`` are averaged (mean ± std of the differences, ddof=1) and n is the
-  number of seeds that both have;
+- differences between configurations are paired per seed, with a 95 % t-interval
+  (:mod:`cawbench.reporting.stats`);
 - a missing value renders as an en dash ``–``, never as zero.
 """
 
@@ -49,11 +48,15 @@ def format_cell(mean: Any, std: Any, n: Any, digits: int = 2, signed: bool = Fal
 def aggregate(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
     """One row per group of ``by``: mean, std (ddof=1), n of the finite values of ``value``.
 
-    Groups whose values are all missing keep a row with n = 0 (so a table can show "–" for them)."""
+    Groups whose values are all missing (or a ``value`` column that does not exist) keep a row with n = 0,
+    so a table can show "–" for them."""
     by = list(by)
     if frame.empty:
         return pd.DataFrame(columns=[*by, "mean", "std", "n"])
-    values = pd.to_numeric(frame[value], errors="coerce")
+    # A column the rows do not have (an older results table) aggregates to n = 0: "–", never an error.
+    values = (
+        pd.to_numeric(frame[value], errors="coerce") if value in frame else pd.Series(math.nan, frame.index)
+    )
     work = frame[by].copy()
     work["_v"] = values
     grouped = work.groupby(by, dropna=False, sort=False)["_v"]
@@ -62,60 +65,11 @@ def aggregate(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFram
     return out
 
 
-def paired_deltas(
-    frame: pd.DataFrame,
-    by: Sequence[str],
-    item: str,
-    reference: Any,
-    value: str,
-    pair_on: Sequence[str] = ("seed",),
-) -> pd.DataFrame:
-    """Per group of ``by`` and per ``item`` (e.g. the variant), the differences ``value - reference's
-    value`` paired on ``pair_on`` (the seed): mean, std (ddof=1) of the differences and n pairs.
-
-    Each (group, item, pair) must hold at most one run; several runs of the same seed are an error,
-    because pairing them would be arbitrary."""
-    by, pair_on = list(by), list(pair_on)
-    columns = [*by, item, "delta_mean", "delta_std", "n_pairs"]
-    if frame.empty:
-        return pd.DataFrame(columns=columns)
-    work = frame[[*by, item, *pair_on]].copy()
-    work["_v"] = pd.to_numeric(frame[value], errors="coerce")
-    work = work[work["_v"].notna()]
-    dupes = work.duplicated([*by, item, *pair_on], keep=False)
-    if dupes.any():
-        example = work[dupes].iloc[0]
-        raise ValueError(
-            f"paired deltas: several runs share {dict(example[[*by, item, *pair_on]])}; "
-            "pick one configuration per item before pairing"
-        )
-    ref = work[work[item] == reference].drop(columns=[item]).rename(columns={"_v": "_ref"})
-    merged = work.merge(ref, on=[*by, *pair_on], how="left")
-    merged["_d"] = merged["_v"] - merged["_ref"]
-    grouped = merged.groupby([*by, item], dropna=False, sort=False)["_d"]
-    out = grouped.agg(
-        delta_mean="mean", delta_std=lambda s: s.dropna().std(ddof=1), n_pairs="count"
-    ).reset_index()
-    out["n_pairs"] = out["n_pairs"].astype(int)
-    return out[columns]
-
-
 def cells(agg: pd.DataFrame, digits: int = 2, signed: bool = False) -> pd.Series:
     """The formatted ``mean ± std (n)`` string of every row of an :func:`aggregate` frame."""
     return pd.Series(
         [format_cell(m, s, n, digits, signed) for m, s, n in zip(agg["mean"], agg["std"], agg["n"])],
         index=agg.index,
-        dtype=object,
-    )
-
-
-def delta_cells(deltas: pd.DataFrame, digits: int = 2) -> pd.Series:
-    return pd.Series(
-        [
-            format_cell(m, s, n, digits, signed=True)
-            for m, s, n in zip(deltas["delta_mean"], deltas["delta_std"], deltas["n_pairs"])
-        ],
-        index=deltas.index,
         dtype=object,
     )
 

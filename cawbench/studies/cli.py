@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from cawbench.studies.runner import RunOptions, format_summary, run_study
+    from cawbench.studies.runner import RunOptions, failure_report, format_summary, run_study
     from cawbench.studies.spec import load_spec
     from cawbench.studies.storage import DEFAULT_HEARTBEAT_S
 
@@ -80,6 +81,10 @@ def run_command(args: argparse.Namespace) -> int:
     summary = run_study(opts)
     if not args.no_echo:
         print(format_summary(summary))
+    failures = failure_report(summary) if args.status_file is None else None  # the launcher reports
+    if failures is not None:
+        print(f"cawbench: error: {failures}", file=sys.stderr)
+        return 1
     return 1 if summary.get("worker_errors") else 0
 
 

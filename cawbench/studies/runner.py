@@ -50,6 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cawbench.config import ConfigError, flatten
 from cawbench.results import append_result, atomic_write_text
+from cawbench.run_folder import check_out_dir
 from cawbench.studies.spec import PlanItem, StudySpec, make_pruner, make_sampler, plan_key
 from cawbench.studies.storage import (
     DEFAULT_HEARTBEAT_S,
@@ -96,6 +97,7 @@ class StudyContext:
     tracker: Any = None
     parent_run_id: str | None = None
     data_cache: dict[Any, Any] = field(default_factory=dict)
+    orphans_checked: set[int] = field(default_factory=set)  # trials whose MLflow run was looked at
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -133,6 +135,12 @@ def prepare(opts: RunOptions) -> StudyContext:
             f"--n-trials does not apply to the grid study {spec.name!r}: the grid is the budget"
         )
     study_name = spec.study_name(scale)
+    tracking_uri = resolve_tracking_uri(opts)
+    if tracking_uri is not None:  # refuse a bad URI or out-dir before anything is created
+        from cawbench.studies.tracking import check_tracking_uri
+
+        check_tracking_uri(tracking_uri)
+    check_out_dir(Path(opts.out_dir))
     handle = open_storage(opts.storage_url, Path(opts.out_dir), opts.heartbeat_interval)
     if opts.workers > 1 and not handle.multi_process_safe:
         raise ConfigError(
@@ -140,12 +148,12 @@ def prepare(opts: RunOptions) -> StudyContext:
             "use the default journal file or postgresql://"
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tracking_uri = resolve_tracking_uri(opts)
     tracker = None
     if tracking_uri is not None:
-        from cawbench.studies.tracking import Tracker, quiet_mlflow
+        from cawbench.studies.tracking import Tracker, create_store, quiet_mlflow
 
         quiet_mlflow()
+        create_store(tracking_uri)  # once, under a lock, before any worker logs
         tracker = Tracker(tracking_uri, study_name, Path(opts.out_dir) / "mlartifacts")
     with study_lock(handle, study_name):
         study = optuna.create_study(
@@ -284,6 +292,32 @@ def _placeholder() -> FrozenTrial:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+def close_orphaned_runs(ctx: StudyContext) -> int:
+    """Mark KILLED the MLflow runs of trials whose worker died (found stale and failed without a reason of
+    their own), so that no run stays RUNNING forever. Each trial is looked at once per process; returns how
+    many runs were closed."""
+    if ctx.tracker is None:
+        return 0
+    closed = 0
+    for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id is None or fail_reason(t) or t.number in ctx.orphans_checked:
+            continue
+        ctx.orphans_checked.add(t.number)
+        reason = f"worker died (trial {t.number} found stale; re-queued)"
+        if _safe_quiet(lambda run_id=run_id, reason=reason: ctx.tracker.close_orphan(run_id, reason)):
+            closed += 1
+    return closed
+
+
+def _safe_quiet(action: Any) -> Any:
+    try:
+        return action()
+    except Exception as exc:  # MLflow trouble never stops a study
+        print(f"cawbench: warning: MLflow: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 def pop_waiting(ctx: StudyContext) -> optuna.Trial | None:
     """Take one waiting trial (atomically, as Optuna's own ask() does), or None."""
     storage = ctx.study._storage
@@ -308,6 +342,7 @@ def next_trial(ctx: StudyContext) -> optuna.Trial | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(ctx.study)  # re-queued by the storage's retry callback
+    close_orphaned_runs(ctx)
     trial = pop_waiting(ctx)
     if trial is not None:
         return trial
@@ -409,7 +444,7 @@ def _slug(text: str, limit: int = 80) -> str:
 def trial_config(ctx: StudyContext, trial: optuna.Trial):
     """Suggest (or read the fixed) parameters, name the configuration and seed, and resolve the config."""
     spec = ctx.spec
-    variant = trial.suggest_categorical("variant", spec.variant_names) if spec.variants else None
+    variant = trial.suggest_categorical("variant", spec.variants_for(ctx.scale)) if spec.variants else None
     sampled = {d.key: d.suggest(trial) for d in spec.search_space}
     attrs = trial.user_attrs
     if "plan_key" not in attrs:  # a configuration just drawn by the sampler: its first seed
@@ -504,15 +539,15 @@ def objective(ctx: StudyContext, trial: optuna.Trial, progress: Progress) -> flo
         reporter.trainer = trainer
         resume = (run_dir / "checkpoint.pt").is_file()
         try:
-            row = trainer.run(resume=resume)
+            row = trainer.run(resume=resume, overwrite=True)
         except ResumeError:  # a foreign or truncated checkpoint: start this run over
             trainer = Trainer(cfg, data=trainer.data, callbacks=[reporter], write_result=False)
             reporter.trainer = trainer
-            row = trainer.run(resume=False)
+            row = trainer.run(resume=False, overwrite=True)
         trial.set_user_attr("resumed_from_checkpoint", resume)
         status = "FINISHED"
     except TrainingDiverged as exc:
-        error = f"diverged: {exc}"
+        error = str(exc)  # "diverged: <term>, layer <i>, epoch <e>: ...; lower optim.lr (now X)"
         raise TrialFailed(error) from None
     except optuna.TrialPruned:
         status = "KILLED"
@@ -821,15 +856,56 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"failed trial {f['trial']} ({f['plan_key']}): {f['reason']}")
     if len(summary["failures"]) > 20:
         lines.append(f"... and {len(summary['failures']) - 20} more failures")
+    if any(not str(f["reason"]).startswith(("interrupted", "worker died")) for f in summary["failures"]):
+        lines.append(
+            "failed trials are not repeated by a plain re-run: fix the cause, then add --retry-failed"
+        )
     lines.append("accuracies in %, validation split; std with ddof=1")
+    return "\n".join(lines)
+
+
+def existing_journal(storage_url: str | None, out_dir: Path) -> Path | None:
+    """The journal file a storage argument names (None for a database URL)."""
+    if storage_url and "://" in storage_url:
+        return None
+    if storage_url:
+        return Path(storage_url.removeprefix("journal:"))
+    return Path(out_dir) / "optuna.journal"
+
+
+def failure_report(summary: dict[str, Any]) -> str | None:
+    """When no trial of the study succeeded and some failed: the failure reasons, most frequent first, and
+    what to do; else None."""
+    counts = summary["counts"]
+    failed = counts.get("FAIL", 0)
+    if not failed or counts.get("COMPLETE", 0) or counts.get("PRUNED", 0) or counts.get("RUNNING", 0):
+        return None
+    reasons: dict[str, int] = defaultdict(int)
+    for f in summary["failures"]:
+        reasons[str(f["reason"]).splitlines()[0][:300]] += 1
+    lines = [f"every trial of study {summary['study']} failed ({failed} failed, none complete):"]
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
+        lines.append(f"  {n} x {reason}")
+    if len(reasons) > 10:
+        lines.append(f"  ... and {len(reasons) - 10} other reasons")
+    lines.append(
+        "fix the cause (e.g. the config or the learning rate), then re-run with --retry-failed to run the "
+        "failed trials again (a plain re-run does not repeat final failures)"
+    )
     return "\n".join(lines)
 
 
 def load_study_for(
     spec: StudySpec, scale: str | None, out_dir: Path, storage_url: str | None
 ) -> optuna.Study:
-    handle = open_storage(storage_url, Path(out_dir))
     name = spec.study_name(scale)
+    journal = existing_journal(storage_url, Path(out_dir))
+    if journal is not None and not journal.is_file():  # opening it would create it (and the folder)
+        raise ConfigError(
+            f"no study {name!r}: there is no Optuna journal at {journal}; start it with `cawbench study run "
+            f"{spec.path or spec.name} --out-dir {out_dir}`, or pass the --out-dir/--storage where it lives"
+        )
+    handle = open_storage(storage_url, Path(out_dir))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=name, storage=handle.storage)

@@ -11,11 +11,13 @@ Schema (top-level keys; anything else is an error naming the key)::
         train.epochs: 2
         seeds: [0]
         variants: {cwcomp: {model.width: 0.5}}   # applied after the variant's own overrides
+        variant_subset: [caw_conv, cwcomp]       # optional: only these variants run at this scale
       paper: {}
     default_scale: cpu                 # optional (default: cpu if present, else the first scale)
     variants:                          # optional: named config overrides, a categorical axis "variant"
       caw_conv: {}
       minus_entropy: {params.lambda_entropy: 0.0}
+      minus_both: {extends: minus_entropy, params.lambda_ortho: 0.0}   # minus_entropy's overrides + its own
     search_space:                      # optional: config key -> distribution
       params.lambda_entropy: {type: float, low: 1.0e-4, high: 1.0, log: true}
       model.depth: {type: int, low: 1, high: 3}
@@ -26,6 +28,10 @@ Schema (top-level keys; anything else is an error naming the key)::
     sampler: {name: grid | tpe | random | qmc, seed: 0, ...sampler options}
     pruner: {name: none | median | percentile | successive_halving | hyperband, ...pruner options}
     n_trials: null                     # configurations to draw (tpe/random/qmc); grid: the whole grid
+
+``extends: NAME`` in a variant takes the overrides of a variant declared before it (with its own
+``extends`` already applied) and adds its own on top, so the rungs of a ladder each name one change. It
+inherits only the ``variants:`` entry; a scale's per-variant overrides apply to the variant they name.
 
 A trial's config is resolved as: method defaults -> recipe -> ``base`` -> the scale's overrides -> the
 variant's overrides -> the scale's overrides for that variant -> the sampled search-space values ->
@@ -70,7 +76,7 @@ TOP_LEVEL_KEYS = (
     "name", "description", "base", "scales", "default_scale", "variants", "search_space", "reference",
     "seeds", "objective", "sampler", "pruner", "n_trials",
 )  # fmt: skip
-SCALE_STUDY_KEYS = ("n_trials", "seeds", "variants")  # study keys a scale may override; the rest is config
+SCALE_STUDY_KEYS = ("n_trials", "seeds", "variants", "variant_subset")  # study keys; the rest is config
 RUNNER_OWNED_KEYS = ("train.seed", "out_dir", "run_name")  # set per trial by the runner
 OBJECTIVE_METRICS = ("final_val_acc", "best_val_acc")  # validation accuracy (%); selection never sees test
 SAMPLERS = ("grid", "tpe", "random", "qmc")
@@ -238,6 +244,8 @@ class StudySpec:
     n_trials: int | None
     path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: variant -> the variant it ``extends:`` (already folded into ``variants``; reports read the ladder)
+    extends: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- per scale
     def check_scale(self, scale: str | None) -> str:
@@ -267,12 +275,18 @@ class StudySpec:
     def variant_names(self) -> list[str]:
         return list(self.variants)
 
+    def variants_for(self, scale: str | None = None) -> list[str]:
+        """The variants that run at this scale: the scale's ``variant_subset``, else all, in spec order."""
+        subset = self.scale_study[self.check_scale(scale)].get("variant_subset")
+        return [v for v in self.variants if subset is None or v in subset]
+
     def fingerprint(self, scale: str | None = None) -> str:
         """Hash of what makes this study's trials comparable (not the budget, not the prose)."""
         scale = self.check_scale(scale)
         blob = {
             "base": self.base, "scale": self.scales[scale], "variants": self.variants,
             "scale_variants": self.scale_study[scale].get("variants", {}),
+            "variant_subset": self.scale_study[scale].get("variant_subset"),
             "search_space": [d.__dict__ for d in self.search_space], "seeds": self.seeds_for(scale),
             "objective": [self.objective_metric, self.direction], "sampler": self.sampler,
             "pruner": self.pruner,
@@ -330,8 +344,8 @@ class StudySpec:
         """Every (configuration, seed) of a planned (grid/qmc) study, in a stable order."""
         scale = self.check_scale(scale)
         seeds = self.seeds_for(scale)
-        configs = self._grid_configs() if self.sampler_name == "grid" else self._qmc_configs(
-            n_trials or self.n_trials_for(scale)
+        configs = self._grid_configs(scale) if self.sampler_name == "grid" else self._qmc_configs(
+            scale, n_trials or self.n_trials_for(scale)
         )  # fmt: skip
         return [
             PlanItem(config_id, params, seed, i)
@@ -339,10 +353,10 @@ class StudySpec:
             for i, seed in enumerate(seeds)
         ]
 
-    def _grid_configs(self) -> list[tuple[str, dict[str, Any]]]:
+    def _grid_configs(self, scale: str) -> list[tuple[str, dict[str, Any]]]:
         axes: list[tuple[str, list[Any]]] = []
         if self.variants:
-            axes.append(("variant", self.variant_names))
+            axes.append(("variant", self.variants_for(scale)))
         axes.extend((d.key, d.grid_values()) for d in self.search_space)
         out = []
         for values in itertools.product(*(v for _, v in axes)):
@@ -350,7 +364,7 @@ class StudySpec:
             out.append((config_id_of(params, self.variants), params))
         return out
 
-    def _qmc_configs(self, n: int | None) -> list[tuple[str, dict[str, Any]]]:
+    def _qmc_configs(self, scale: str, n: int | None) -> list[tuple[str, dict[str, Any]]]:
         if not n:
             raise ConfigError(f"study {self.name!r}: the qmc sampler needs n_trials (points to draw)")
         from scipy.stats import qmc
@@ -371,7 +385,7 @@ class StudySpec:
         for i, u in enumerate(points):
             params: dict[str, Any] = {}
             if with_variant:
-                names = self.variant_names
+                names = self.variants_for(scale)
                 params["variant"] = names[min(int(u[-1] * len(names)), len(names) - 1)]
             for dim, ui in zip(dims, u, strict=False):
                 params[dim.key] = dim.from_unit(float(ui))
@@ -411,6 +425,22 @@ def _config_mapping(raw: Any, where: str) -> dict[str, Any]:
             )
             raise ConfigError(f"{where}.{key} cannot be set in a study spec ({hint})")
     return flat
+
+
+def _variant_overrides(name: str, raw: Any, earlier: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A variant's flat overrides; ``extends: OTHER`` starts from those of a variant declared before it (already
+    resolved, so chains work), its own keys win. The result is what the variant would list in full."""
+    where = f"variants.{name}"
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return _config_mapping(raw, where)
+    own = dict(raw)
+    parent = own.pop("extends")
+    if parent not in earlier:
+        declared = ", ".join(earlier) or "(none: it is the first variant)"
+        raise ConfigError(
+            f"{where}.extends={parent!r}: a variant extends one declared before it; declared before: {declared}"
+        )
+    return {**earlier[parent], **_config_mapping(own, where)}
 
 
 def _seed_list(raw: Any, where: str) -> tuple[int, ...]:
@@ -472,6 +502,7 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         raise ConfigError(f"default_scale {default_scale!r} is not one of the scales: {', '.join(scales)}")
 
     variants: dict[str, dict[str, Any]] = {}
+    extends: dict[str, str] = {}
     if "variants" in data:
         raw_variants = data["variants"]
         if not isinstance(raw_variants, dict) or not raw_variants:
@@ -479,10 +510,17 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         for vname, overrides in raw_variants.items():
             if not isinstance(vname, str) or not NAME_PATTERN.match(vname):
                 raise ConfigError(f"variant name {vname!r} must be a word of letters, digits, _ . + -")
-            variants[vname] = _config_mapping(overrides, f"variants.{vname}")
+            variants[vname] = _variant_overrides(vname, overrides, variants)
+            if isinstance(overrides, dict) and "extends" in overrides:
+                extends[vname] = str(overrides["extends"])
 
     for scale, part in scale_study.items():
-        unknown = [v for v in part.get("variants", {}) if v not in variants]
+        subset = part.get("variant_subset")
+        if subset is not None:
+            if not isinstance(subset, list) or not subset:
+                raise ConfigError(f"scales.{scale}.variant_subset must be a non-empty list of variant names")
+            part["variant_subset"] = [str(v) for v in subset]
+        unknown = [v for v in [*part.get("variants", {}), *(subset or [])] if v not in variants]
         if unknown:
             valid = ", ".join(variants) or "(the spec has no variants)"
             raise ConfigError(
@@ -560,7 +598,7 @@ def parse_spec(data: dict[str, Any], path: str | None = None) -> StudySpec:
         name=name, description=str(data.get("description") or "").strip(), base=base, scales=scales,
         scale_study=scale_study, default_scale=default_scale, variants=variants, search_space=tuple(dims),
         reference=reference, seeds=seeds, objective_metric=metric, direction=direction, sampler=sampler,
-        pruner=pruner, n_trials=n_trials, path=path, raw=data,
+        pruner=pruner, n_trials=n_trials, path=path, raw=data, extends=extends,
     )  # fmt: skip
     _check_budget(spec)
     return spec
@@ -573,9 +611,9 @@ def _check_budget(spec: StudySpec) -> None:
             if n is not None:
                 raise ConfigError(
                     f"n_trials={n} (scale {scale!r}) cannot be set for a grid: the grid is the budget "
-                    f"({len(spec._grid_configs())} configurations x {len(spec.seeds_for(scale))} seeds)"
+                    f"({len(spec._grid_configs(scale))} configurations x {len(spec.seeds_for(scale))} seeds)"
                 )
-            spec._grid_configs()  # every dimension must be enumerable
+            spec._grid_configs(scale)  # every dimension must be enumerable
         elif n is None:
             raise ConfigError(
                 f"sampler {spec.sampler_name!r} needs n_trials (configurations to draw) for scale {scale!r}"
@@ -650,7 +688,14 @@ def check_configs(
             for sampled in _corner_points(spec.search_space):
                 if spec.method_of(scale, variant, sampled) in missing:
                     continue
-                spec.resolve(scale, variant, sampled, spec.seeds_for(scale)[0])
+                cfg = spec.resolve(scale, variant, sampled, spec.seeds_for(scale)[0])
+                if cfg.data.val_size == 0:
+                    where = f"scale {scale!r}" + (f", variant {variant!r}" if variant else "")
+                    raise ConfigError(
+                        f"study {spec.name!r} ({where}): data.val_size=0 leaves no validation split, but the "
+                        f"objective {spec.objective_metric} is a validation accuracy (studies never select on "
+                        "test); give data.val_size > 0"
+                    )
     return sorted(missing)
 
 

@@ -15,15 +15,19 @@ artifacts under ``<out_dir>/mlartifacts/``; a tracking server (``http://host:500
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from cawbench.config import flatten
+from cawbench.config import ConfigError, flatten
 
 _log = logging.getLogger(__name__)
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value
@@ -33,6 +37,69 @@ METRIC_BATCH_LIMIT = 1000
 
 def default_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+#: URI schemes of MLflow tracking stores (a plain folder path has none)
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a URI MLflow cannot open, before anything is created."""
+    scheme = urlsplit(uri).scheme if "://" in uri or uri.startswith("sqlite:") else ""
+    if scheme and scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"--tracking-uri {_mask(uri)!r}: unsupported scheme {scheme!r}; use sqlite:///PATH.db (the default "
+            "is sqlite:///OUT_DIR/mlflow.db), http(s)://HOST:PORT of an MLflow server, postgresql://..., "
+            "or off"
+        )
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def create_store(uri: str) -> None:
+    """Create (or migrate) the tracking store once, before any worker logs to it. For a local sqlite file
+    this happens under a lock file beside it: two ``study run`` processes started at once on a fresh
+    out-dir would otherwise both run MLflow's schema migrations, and one would fail inside alembic."""
+    from mlflow import MlflowClient
+
+    db = _sqlite_file(uri)
+    if db is not None and not db.parent.is_dir():
+        raise ConfigError(f"--tracking-uri {uri!r}: folder {db.parent} does not exist")
+    lock = db.with_name(db.name + ".cawbench-lock") if db is not None else None
+    with _file_lock(lock):
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # unreachable server, unsupported URI, a foreign database
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"cannot open the MLflow tracking store {_mask(uri)} ({type(exc).__name__}: {detail}); check "
+                "--tracking-uri, or pass --tracking-uri off to run without MLflow"
+            ) from None
+
+
+def _mask(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password:
+        return uri.replace(f":{parts.password}@", ":***@")
+    return uri
 
 
 def _metric_name(name: str) -> str:
@@ -143,6 +210,15 @@ class Tracker:
         )
         self._log_params(run.info.run_id, params)
         return TrialRun(self, run.info.run_id)
+
+    def close_orphan(self, run_id: str, reason: str) -> bool:
+        """Mark KILLED a trial's run left RUNNING by a worker that died; True if it was still running."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            return False
+        self.client.set_tag(run_id, "cawbench.fail_reason", reason)
+        self.client.set_tag(run_id, "optuna.state", "FAIL")
+        self.client.set_terminated(run_id, status="KILLED")
+        return True
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

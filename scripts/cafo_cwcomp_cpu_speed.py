@@ -6,7 +6,7 @@ images/s is the engine's own figure for one epoch (every unit's forward, local l
 evaluation images/s times the per-layer scoring of the test subset (``Trainer.collect_scores``). CaFo's
 authors' full-batch GD fit happens after the epoch and is timed separately (seconds per GD step).
 
-    .venv/bin/python reports/cafo_cwcomp_cpu_speed/measure.py --train 1500 --test 1000 --repeats 3
+    .venv/bin/python scripts/cafo_cwcomp_cpu_speed.py --train 1500 --test 1000 --repeats 3
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gd-steps", type=int, default=20)
+    parser.add_argument("--out", default="reports/cafo_cwcomp_cpu_speed/result.json", help="result file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     trainers = {name: make_trainer(m, r, args) for name, (m, r) in CONFIGS.items()}
@@ -84,7 +85,8 @@ def main() -> None:
     medians["cafo full-batch GD: s per step, all 3 heads, per 1000 images"] = gd * 1000 / n
     medians["cafo full-batch GD: 5000 steps on 50k images, s (extrapolated)"] = gd * 5000 * 50_000 / n
     out = {"args": vars(args), "torch": torch.__version__, "runs": runs, "medians": medians}
-    path = Path(__file__).with_name("result.json")
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(medians, indent=2))
 

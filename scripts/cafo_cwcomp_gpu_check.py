@@ -2,7 +2,7 @@
 
 Writes one JSON line per finished run (and per CwComp epoch) to ``$OUT/gpu_check.jsonl``:
 
-    python3 reports/cafo_cwcomp_gpu_check/run.py --data-dir DIR --out OUT [--tiny]
+    python3 scripts/cafo_cwcomp_gpu_check.py --data-dir DIR --out OUT [--tiny]
 """
 
 from __future__ import annotations

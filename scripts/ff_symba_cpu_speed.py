@@ -2,7 +2,8 @@
 
 Run from the repository root (Fashion-MNIST must be installed; see README.md):
 
-    .venv/bin/python reports/ff_symba_cpu_speed/measure.py --train 1000 --test 1000 --repeats 3
+    .venv/bin/python scripts/ff_symba_cpu_speed.py --train 1000 --test 1000 --repeats 3 \
+        > reports/ff_symba_cpu_speed/result.json
 
 Every configuration is the method's ``paper`` recipe for Fashion-MNIST (FF 4 x 2000, SymBa 3 x 2000, each
 BP twin the same MLP trained end to end), restricted to a training/test subset. Configurations are timed
