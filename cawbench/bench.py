@@ -21,7 +21,8 @@ data batching and the on-device transform are included, as in training. Definiti
   a ``TorchDispatchMode`` on any device: on a GPU each is about one kernel launch, so it measures how
   launch-bound a method is even where no GPU is at hand. Split into the ops inside each unit (its forward,
   losses, backward and, unmerged, its update) and the ops outside any unit (the stem, the merged updates of
-  ``train.merge_units``). ``--ops-only`` measures nothing else.
+  ``train.merge_units``). ``--ops-only`` measures nothing else; ``--unfused-layers`` counts (and times) the
+  channel-wise layers' ReLU-dropout-pooling as the plain composition the GPU runs, not the CPU's fused node.
 - **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one training step (the forward and backward
   matmul/convolution work it counts; only the gradients a unit really computes: a detached input gets no
   input gradient), per image; likewise over one evaluation batch. Counted eagerly even when units are
@@ -185,6 +186,18 @@ def count_step_ops(trainer: Any, x: torch.Tensor, y: torch.Tensor) -> OpCounter:
     return counter
 
 
+def unfuse_layers(net: torch.nn.Module) -> int:
+    """Layers with a fused CPU training path (:class:`cawbench.layers.ReluDropoutPool`: ReLU, dropout and
+    pooling in one autograd node) run as their plain composition instead, the op structure of the GPU path
+    (``--unfused-layers``); returns how many layers were switched."""
+    from cawbench.layers import ReluDropoutPool
+
+    layers = [m for m in net.modules() if isinstance(m, ReluDropoutPool)]
+    for layer in layers:
+        layer.fused = False
+    return len(layers)
+
+
 def parameter_storages(module: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in module.parameters()}
 
@@ -329,6 +342,8 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     data = random_data(args.input_shape, args.classes, args.batch * args.steps,
                        cfg.train.eval_batch_size * args.eval_steps, device, cfg.data.name)  # fmt: skip
     trainer = Trainer(cfg, data=data, write_result=False)
+    if getattr(args, "unfused_layers", False):
+        unfuse_layers(trainer.net)
     row: dict[str, Any] = {
         "label": label,
         "method": cfg.method,
@@ -660,6 +675,12 @@ def add_parser(sub: Any) -> None:
         metavar="CSV",
         help="an earlier bench CSV: its ops/step are shown beside this run's (before/after)",
     )
+    p.add_argument(
+        "--unfused-layers",
+        action="store_true",
+        help="run layers with a fused CPU training path (the channel-wise ReLU-dropout-pooling node) as their "
+        "plain composition: the op structure of the GPU path",
+    )
     p.add_argument("--note", help="a line written into the report (e.g. about shared cores)")
     p.set_defaults(func=run_bench)
 
@@ -782,6 +803,8 @@ def _command_args(args: argparse.Namespace) -> list[str]:
         out.append("--no-reference")
     if args.ops_only:
         out.append("--ops-only")
+    if getattr(args, "unfused_layers", False):
+        out.append("--unfused-layers")
     return out
 
 

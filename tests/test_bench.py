@@ -209,3 +209,24 @@ def test_paper_rows_are_compared_with_backprops_twin_recipe(tmp_path):
         ("backprop (ref, paper-cwcomp)", "paper-cwcomp"),
     ]
     assert rows[0]["reference"] == "backprop (ref, paper-cwcomp)" and float(rows[1]["ops_x"]) == 1.0
+
+
+def test_unfused_layers_count_the_plain_relu_dropout_pooling(tmp_path):
+    # CAW-Conv's layers train through one fused autograd node on the CPU; --unfused-layers counts the plain
+    # composition the GPU runs (ReLU, dropout, pooling as separate ops) and says so in the command line.
+    from cawbench.bench import unfuse_layers
+    from cawbench.engine import Trainer
+    from cawbench.layers import ReluDropoutPool
+    from cawbench.method import resolve_config
+
+    cfg = resolve_config({"method": "caw_conv", "model.arch": "tinycnn", "model.width": 0.1,
+                          "data.name": "synthetic", "train.device": "cpu"})  # fmt: skip
+    net = Trainer(cfg, write_result=False).net
+    assert unfuse_layers(net) == 4
+    assert [m.fused for m in net.modules() if isinstance(m, ReluDropoutPool)] == [False] * 4
+    common = ("--methods", "caw_conv", "--arch", "tinycnn", "--width", "0.1", "--ops-only", "--no-reference")
+    (fused,) = _bench(tmp_path, *common, "--name", "fused")
+    (plain,) = _bench(tmp_path, *common, "--name", "plain", "--unfused-layers")
+    assert int(plain["ops_per_step"]) > int(fused["ops_per_step"])  # one node's ops split into several
+    assert "--unfused-layers" in (tmp_path / "plain.md").read_text()
+    assert "--unfused-layers" not in (tmp_path / "fused.md").read_text()

@@ -13,7 +13,9 @@ by up to 2 lr. SGD keeps a rounding difference as small as it is.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -240,21 +242,16 @@ def _executor_run(cfg, name: str, threads: int) -> Trainer:
     return trainer
 
 
-def _one_thread_if(threads: int):
+@contextlib.contextmanager
+def _one_thread_if(threads: int) -> Iterator[None]:
     """Worker threads run with one intra-op thread; so does their reference (sums follow the threads)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        before = torch.get_num_threads()
-        if threads > 1:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return scope()
+    before = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("executor", "threads"), EXECUTOR_RUNS, ids=[f"{n}-{t}" for n, t in EXECUTOR_RUNS])
