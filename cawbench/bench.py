@@ -16,12 +16,21 @@ data batching and the on-device transform are included, as in training. Definiti
   if every unit's graph were alive together. Backprop is one unit, so its max equals its sum.
 - **peak CUDA memory**: ``torch.cuda.max_memory_allocated`` over the timed training epochs (parameters,
   optimiser state and the resident data included); "above resident" subtracts what was allocated before.
+- **ops/step**: ATen operations dispatched in one training step (the forward, every unit's local backward,
+  clipping, optimiser steps, the loss-term and accuracy sums; views and in-place ops included), counted with
+  a ``TorchDispatchMode`` on any device: on a GPU each is about one kernel launch, so it measures how
+  launch-bound a method is even where no GPU is at hand. Split into the ops inside each unit (its forward,
+  losses, backward and, unmerged, its update) and the ops outside any unit (the stem, the merged updates of
+  ``train.merge_units``). ``--ops-only`` measures nothing else; ``--unfused-layers`` counts (and times) the
+  channel-wise layers' ReLU-dropout-pooling as the plain composition the GPU runs, not the CPU's fused node.
 - **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one training step (the forward and backward
   matmul/convolution work it counts; only the gradients a unit really computes: a detached input gets no
   input gradient), per image; likewise over one evaluation batch. Counted eagerly even when units are
   compiled. **GFLOP/s** = training FLOPs per image x train img/s.
 - **ratios** (``x BP``): the method's figure over that of the backprop reference with the same
-  architecture, width, depth, input, classes and batch, measured in the same run.
+  architecture, width, depth, input, classes and batch, measured in the same run. With ``--recipe R`` the
+  reference is backprop's twin recipe ``R-<method>`` where it has one (``paper-cwcomp``, ``paper-cafo``,
+  ``paper-ff``, ``paper-symba``: the twin's head and normalisation), else its recipe ``R``.
 
 Methods are picked with ``--methods`` (default: every registered one), each with its own architecture and
 settings (its defaults, or ``--recipe paper`` for ``--dataset``) unless ``--arch``/``--width`` are given.
@@ -132,6 +141,63 @@ def _host_only_read(args: tuple) -> bool:
     return False
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen operation dispatched while active; ``hook(i)`` (a BatchStep unit hook) books the
+    operations run inside unit ``i`` to that unit, the rest to ``shared``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.per_unit: dict[int, int] = {}
+        self.by_op: dict[str, int] = {}
+        self._unit: int | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.total += 1
+        if self._unit is not None:
+            self.per_unit[self._unit] = self.per_unit.get(self._unit, 0) + 1
+        name = str(func)
+        self.by_op[name] = self.by_op.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def hook(self, unit: int) -> Iterator[None]:
+        outer, self._unit = self._unit, unit
+        try:
+            yield
+        finally:
+            self._unit = outer
+
+    @property
+    def shared(self) -> int:
+        return self.total - sum(self.per_unit.values())
+
+    def unit_counts(self, n_units: int) -> list[int]:
+        return [self.per_unit.get(i, 0) for i in range(n_units)]
+
+
+def count_step_ops(trainer: Any, x: torch.Tensor, y: torch.Tensor) -> OpCounter:
+    """The ops of one training step (the first of epoch 0, into fresh running sums) through
+    ``trainer.step`` (the engine's own step, eager)."""
+    counter = OpCounter()
+    state = trainer.step_state(0, 0, trainer.new_stats())
+    with _force_eager(), counter:
+        trainer.step(x, y, state, hook=counter.hook)
+    return counter
+
+
+def unfuse_layers(net: torch.nn.Module) -> int:
+    """Layers with a fused CPU training path (:class:`cawbench.layers.ReluDropoutPool`: ReLU, dropout and
+    pooling in one autograd node) run as their plain composition instead, the op structure of the GPU path
+    (``--unfused-layers``); returns how many layers were switched."""
+    from cawbench.layers import ReluDropoutPool
+
+    layers = [m for m in net.modules() if isinstance(m, ReluDropoutPool)]
+    for layer in layers:
+        layer.fused = False
+    return len(layers)
+
+
 def parameter_storages(module: torch.nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in module.parameters()}
 
@@ -158,7 +224,11 @@ def random_data(
 
     transform = BatchTransform((0.5,) * c, (0.25,) * c, None, DataConfig(name="synthetic"))
     info = DataInfo(name, classes, c, h)
-    return PreparedData(info, split(n_train), split(0), split(n_eval), transform, "random uint8 (bench)")
+    train, test = split(n_train), split(n_eval)
+    # Validation images too (drawn last: train and test stay as they were): a run whose readout is fitted on
+    # validation refuses to start without any, although the bench never fits readouts.
+    val = split(n_eval)
+    return PreparedData(info, train, val, test, transform, "random uint8 (bench)")
 
 
 def _sync(device: torch.device) -> None:
@@ -209,18 +279,42 @@ def parse_methods(text: str, available: list[str]) -> list[Entry]:
     return entries
 
 
-def bench_config(entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None):
-    """The run config of one row: the method's defaults (or recipe), the bench's sizes, then overrides."""
-    from cawbench.method import get_method, params_fields, recipe_overrides, resolve_config
+def has_recipe(method: str, recipe: str, dataset: str) -> bool:
+    from cawbench.method import get_method, recipe_overrides
+
+    try:
+        recipe_overrides(get_method(method), recipe, dataset)
+    except ConfigError:
+        return False
+    return True
+
+
+def twin_recipe(method: str, args: argparse.Namespace) -> str:
+    """The backprop recipe a row is compared with: the twin ``<recipe>-<method>`` where backprop has one
+    (same network, head and normalisation as the method's recipe), else ``<recipe>``, else the default."""
+    from cawbench.method import reference_method
+
+    if args.recipe == "default":
+        return "default"
+    reference = reference_method()
+    for name in (f"{args.recipe}-{method}", args.recipe):
+        if has_recipe(reference, name, args.dataset):
+            return name
+    return "default"
+
+
+def bench_config(
+    entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None, recipe: str | None = None
+):
+    """The run config of one row: the method's defaults (or recipe: ``--recipe`` unless ``recipe`` is
+    given), the bench's sizes, then overrides."""
+    from cawbench.method import get_method, params_fields, resolve_config
 
     cls = get_method(entry.method)
     layer: dict[str, Any] = {"method": entry.method, "data.name": args.dataset}
-    if args.recipe != "default":
-        try:
-            recipe_overrides(cls, args.recipe, args.dataset)
-            layer["recipe"] = args.recipe
-        except ConfigError:
-            pass  # no such recipe for this method: its defaults (the row says which recipe it used)
+    recipe = args.recipe if recipe is None else recipe
+    if recipe != "default" and has_recipe(entry.method, recipe, args.dataset):
+        layer["recipe"] = recipe  # else the method's defaults (the row says which recipe it used)
     layer.update(
         {
             "train.batch_size": args.batch,
@@ -252,6 +346,8 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     data = random_data(args.input_shape, args.classes, args.batch * args.steps,
                        cfg.train.eval_batch_size * args.eval_steps, device, cfg.data.name)  # fmt: skip
     trainer = Trainer(cfg, data=data, write_result=False)
+    if getattr(args, "unfused_layers", False):
+        unfuse_layers(trainer.net)
     row: dict[str, Any] = {
         "label": label,
         "method": cfg.method,
@@ -264,6 +360,11 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
         "params_m": sum(p.numel() for p in trainer.net.parameters()) / 1e6,
         "precision": "bf16" if trainer.bf16 else "fp32",
     }
+    if args.ops_only:
+        trainer.train_epoch(0)  # optimiser state and running sums exist from here on, as in training
+        _count_ops(row, trainer)
+        row["device"] = describe_device(device)
+        return row
     # Training speed: whole engine epochs of --steps batches.
     for _ in range(args.warmup):
         trainer.train_epoch(0)
@@ -301,6 +402,7 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     with reads:
         trainer.step(x, y, trainer.step_state(0, 0, trainer.new_stats()))
     row["host_reads_per_step"] = reads.count
+    _count_ops(row, trainer, (x, y))
     from torch.utils.flop_counter import FlopCounterMode
 
     with _force_eager():
@@ -323,6 +425,20 @@ def measure(cfg, args: argparse.Namespace, label: str) -> dict[str, Any]:
     return row
 
 
+def _count_ops(row: dict[str, Any], trainer: Any, batch: tuple | None = None) -> None:
+    """ops/step, the mean per unit, the ops outside any unit, and each unit's count."""
+    if batch is None:
+        trainer.net.train()
+        x, y = next(trainer._batches("train", 0, train=True))
+        batch = (x, y)
+    counter = count_step_ops(trainer, *batch)
+    units = counter.unit_counts(len(trainer.units))
+    row["ops_per_step"] = counter.total
+    row["ops_per_unit"] = sum(units) / max(len(units), 1)
+    row["ops_shared"] = counter.shared
+    row["ops_by_unit"] = " ".join(map(str, units))
+
+
 # --------------------------------------------------------------------------------- ratios and output
 RATIO_FIELDS = {  # figure -> ratio column
     "train_ips": "train_ips_x",
@@ -332,16 +448,18 @@ RATIO_FIELDS = {  # figure -> ratio column
     "peak_mem_mb": "peak_mem_x",
     "train_gflop_per_img": "train_flop_x",
     "train_gflops": "gflops_x",
+    "ops_per_step": "ops_x",
 }
 
 
 def add_ratios(rows: list[dict[str, Any]], refs: dict[tuple, dict[str, Any]]) -> None:
     for row in rows:
-        ref = refs.get(row.get("model_key"))
+        ref = refs.get(row.get("ref_key"))
         for figure, column in RATIO_FIELDS.items():
             a = row.get(figure)
             b = ref.get(figure) if ref else None
-            row[column] = a / b if isinstance(a, float) and isinstance(b, float) and b else None
+            numbers = isinstance(a, int | float) and isinstance(b, int | float)
+            row[column] = a / b if numbers and b else None
 
 
 def describe_device(device: torch.device) -> str:
@@ -375,10 +493,20 @@ def _x(v: Any) -> str:
     return "–" if v is None else f"{v:.2f}x"
 
 
-COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+ROW_COLUMNS: list[Column] = [
     ("method", lambda r: r["label"]),
     ("arch", lambda r: f"{r.get('arch', '')} w{_fmt(r.get('width'), 2)}"),
     ("params M", lambda r: _fmt(r.get("params_m"), 2)),
+]
+OPS_COLUMNS: list[Column] = [
+    ("ops/step", lambda r: _fmt(r.get("ops_per_step"))),
+    ("x BP", lambda r: _x(r.get("ops_x"))),
+    ("ops/unit", lambda r: _fmt(r.get("ops_per_unit"))),
+    ("ops shared", lambda r: _fmt(r.get("ops_shared"))),
+]
+COLUMNS: list[Column] = [
+    *ROW_COLUMNS,
     ("train img/s", lambda r: f"{_fmt(r.get('train_ips'))} ±{_fmt(r.get('train_ips_spread_pct'), 0)}%"),
     ("x BP", lambda r: _x(r.get("train_ips_x"))),
     ("eval img/s", lambda r: f"{_fmt(r.get('eval_ips'))} ±{_fmt(r.get('eval_ips_spread_pct'), 0)}%"),
@@ -392,21 +520,33 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("GFLOP/s", lambda r: _fmt(r.get("train_gflops"))),
     ("x BP", lambda r: _x(r.get("gflops_x"))),
     ("host reads/step", lambda r: _fmt(r.get("host_reads_per_step"))),
+    *OPS_COLUMNS,
 ]
 
 
-def table_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
-    cells = [[name for name, _ in COLUMNS]]
+BASELINE_COLUMNS: list[Column] = [
+    ("ops/step before", lambda r: _fmt(r.get("baseline_ops_per_step"))),
+    ("x BP before", lambda r: _x(r.get("baseline_ops_x"))),
+]
+
+
+def table_lines(
+    rows: list[dict[str, Any]], markdown: bool, ops_only: bool = False, baseline: bool = False
+) -> list[str]:
+    columns = [*ROW_COLUMNS, *OPS_COLUMNS] if ops_only else list(COLUMNS)
+    if baseline:
+        columns += BASELINE_COLUMNS
+    cells = [[name for name, _ in columns]]
     for row in rows:
         if row.get("error"):
-            cells.append([row["label"], f"error: {row['error']}"] + [""] * (len(COLUMNS) - 2))
+            cells.append([row["label"], f"error: {row['error']}"] + [""] * (len(columns) - 2))
         else:
-            cells.append([fmt(row) for _, fmt in COLUMNS])
+            cells.append([fmt(row) for _, fmt in columns])
     if markdown:
         lines = ["| " + " | ".join(c) + " |" for c in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
+        lines.insert(1, "|" + "|".join("---" for _ in columns) + "|")
         return lines
-    widths = [max(len(c[i]) for c in cells if i < len(c)) for i in range(len(COLUMNS))]
+    widths = [max(len(c[i]) for c in cells if i < len(c)) for i in range(len(columns))]
     return ["  ".join(c[i].ljust(widths[i]) for i in range(len(c))).rstrip() for c in cells]
 
 
@@ -414,15 +554,15 @@ CSV_FIELDS = [
     "label", "method", "recipe", "arch", "width", "depth", "batch", "units", "params_m", "precision",
     "train_ips", "train_ips_spread_pct", "eval_ips", "eval_ips_spread_pct", "saved_max_mb", "saved_sum_mb",
     "peak_mem_mb", "peak_above_resident_mb", "train_gflop_per_img", "eval_gflop_per_img", "train_gflops",
-    "host_reads_per_step",
-    *RATIO_FIELDS.values(), "reference", "device", "error",
+    "host_reads_per_step", "ops_per_step", "ops_per_unit", "ops_shared", "ops_by_unit",
+    *RATIO_FIELDS.values(), "baseline_ops_per_step", "baseline_ops_x", "reference", "device", "error",
 ]  # fmt: skip
 
 
 def write_reports(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / device_slug(device)
+    stem = out / (args.name or device_slug(device))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -449,12 +589,34 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         + (f", CUDA {torch.version.cuda}, cuDNN {cudnn}" if device.type == "cuda" else "")
         + f", Python {platform.python_version()}",
         f"- input {'x'.join(map(str, args.input_shape))}, {args.classes} classes, batch {args.batch}, "
-        f"{args.steps} batches per timed epoch, {args.warmup} warm-up + {args.repeats} timed repeats "
-        "(median ± (max-min)/median)",
+        + (
+            "ops counted over one training step after one untimed epoch (`--ops-only`: nothing timed)"
+            if args.ops_only
+            else f"{args.steps} batches per timed epoch, {args.warmup} warm-up + {args.repeats} timed "
+            "repeats (median ± (max-min)/median)"
+        ),
     ]
+    if args.baseline:
+        lines.append(
+            f"- `before` columns: ops/step and its ratio from `{args.baseline}` (an earlier run of this "
+            f"command; its command, commit and date are in `{Path(args.baseline).with_suffix('.md')}`), "
+            "matched by method, architecture and width"
+        )
     if args.note:
         lines.append(f"- note: {args.note}")
-    lines += ["", *table_lines(rows, markdown=True), ""]
+    table = table_lines(rows, markdown=True, ops_only=args.ops_only, baseline=bool(args.baseline))
+    lines += ["", *table, ""]
+    lines += [
+        "Ops/step = ATen operations dispatched in one training step (a `TorchDispatchMode` counter; views, "
+        "in-place and optimiser ops included; on a GPU each is about one kernel launch); ops/unit = the mean "
+        "over units of the ops inside each unit (forward, losses, backward and, when units update one by "
+        "one, their update); ops shared = the ops outside any unit (the stem and the merged updates of "
+        "`train.merge_units`). Backprop references: the twin recipe `<recipe>-<method>` where backprop has "
+        "one.",
+        "",
+    ]
+    if args.ops_only:
+        return "\n".join(lines)
     lines += [
         "Definitions (see `cawbench/bench.py`): `x BP` = the method's figure over the backprop reference's "
         "with the same network, input and batch, measured in this run. Saved MB = bytes autograd keeps for "
@@ -505,7 +667,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every row (params.* only where the method has it)")  # fmt: skip
     p.add_argument("--no-reference", action="store_true", help="skip the backprop reference rows")
-    p.add_argument("--out", default="reports/bench", help="folder for <device>.md and <device>.csv")
+    p.add_argument("--out", default="reports/bench", help="folder for <name>.md and <name>.csv")
+    p.add_argument("--name", help="report file name without suffix (default: the device, e.g. cpu)")
+    p.add_argument(
+        "--ops-only",
+        action="store_true",
+        help="count the ATen ops of one training step per row, measure nothing else",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="CSV",
+        help="an earlier bench CSV: its ops/step are shown beside this run's (before/after)",
+    )
+    p.add_argument(
+        "--unfused-layers",
+        action="store_true",
+        help="run layers with a fused CPU training path (the channel-wise ReLU-dropout-pooling node) as their "
+        "plain composition: the op structure of the GPU path",
+    )
     p.add_argument("--note", help="a line written into the report (e.g. about shared cores)")
     p.set_defaults(func=run_bench)
 
@@ -527,35 +706,78 @@ def run_bench(args: argparse.Namespace) -> int:
     entries.sort(key=lambda e: not (e.method == reference and not e.overrides))
     device = resolve_device(args.device)
     print(f"bench on {describe_device(device)}: {', '.join(e.label for e in entries)}", flush=True)
+    baseline = load_baseline(Path(args.baseline)) if args.baseline else None
     rows: list[dict[str, Any]] = []
     refs: dict[tuple, dict[str, Any]] = {}
     for entry in entries:
         rows.append(_measure_entry(entry, args))
-        key = rows[-1].get("model_key")
-        if entry.method == reference and not entry.overrides and key not in refs:
-            refs[key] = rows[-1]
-        elif not args.no_reference and key is not None and key not in refs:
-            ref = _measure_entry(Entry(f"{reference} (ref)", reference, {}), args, model=rows[-1]["model"])
-            refs[key] = ref
-            rows.append(ref)
-        path = _finish(rows, refs, args, device)  # after every row: a cut-off run still leaves a report
-    print("\n".join(table_lines(rows, markdown=False)))
+        model_key = rows[-1].get("model_key")
+        if entry.method == reference and not entry.overrides:
+            own = args.recipe if has_recipe(reference, args.recipe, args.dataset) else "default"
+            rows[-1]["ref_key"] = (model_key, own)
+            refs.setdefault(rows[-1]["ref_key"], rows[-1])
+        elif model_key is not None:
+            recipe = twin_recipe(entry.method, args)
+            key = rows[-1]["ref_key"] = (model_key, recipe)
+            if not args.no_reference and key not in refs:
+                label = f"{reference} (ref)" if recipe == args.recipe else f"{reference} (ref, {recipe})"
+                ref = _measure_entry(Entry(label, reference, {}), args, rows[-1]["model"], recipe)
+                ref["ref_key"] = key
+                refs[key] = ref
+                rows.append(ref)
+        path = _finish(rows, refs, args, device, baseline)  # after every row: a cut-off run leaves a report
+    print("\n".join(table_lines(rows, markdown=False, ops_only=args.ops_only, baseline=baseline is not None)))
     print(f"wrote {path} and {path.with_suffix('.csv')}")
     return 0
 
 
-def _finish(rows: list[dict[str, Any]], refs: dict[tuple, dict[str, Any]], args, device) -> Path:
+def _finish(
+    rows: list[dict[str, Any]], refs: dict[tuple, dict[str, Any]], args, device, baseline=None
+) -> Path:
     for row in rows:
-        ref = refs.get(row.get("model_key"))
+        ref = refs.get(row.get("ref_key"))
         row["reference"] = ref["label"] if ref else None
     add_ratios(rows, refs)
+    if baseline is not None:
+        add_baseline(rows, baseline)
     return write_reports(rows, args, device)
 
 
-def _measure_entry(entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None) -> dict:
+def load_baseline(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    """Rows of an earlier bench CSV (``--baseline``), by (label, arch, width)."""
+    if not path.is_file():
+        raise ConfigError(
+            f"--baseline {path}: no such file (give a CSV written by an earlier cawbench bench)"
+        )
+    rows = list(iter_rows(path))
+    if rows and "ops_per_step" not in rows[0]:
+        raise ConfigError(f"--baseline {path} has no ops_per_step column: it predates the op counts")
+    return {(r["label"], r["arch"], _width_key(r["width"])): r for r in rows}
+
+
+def _width_key(width: Any) -> str:
+    try:
+        return f"{float(width):g}"
+    except (TypeError, ValueError):
+        return str(width)
+
+
+def add_baseline(rows: list[dict[str, Any]], baseline: dict[tuple[str, str, str], dict[str, str]]) -> None:
+    """The baseline's ops/step and its ratio beside each row with the same label, architecture and width."""
+    for row in rows:
+        old = baseline.get((row["label"], str(row.get("arch")), _width_key(row.get("width"))), {})
+        for field in ("ops_per_step", "ops_x"):
+            value = old.get(field)
+            number = float(value) if value not in (None, "") else None
+            row[f"baseline_{field}"] = int(number) if field == "ops_per_step" and number else number
+
+
+def _measure_entry(
+    entry: Entry, args: argparse.Namespace, model: dict[str, Any] | None = None, recipe: str | None = None
+) -> dict:
     from cawbench.engine import TrainingDiverged
 
-    cfg = bench_config(entry, args, model)
+    cfg = bench_config(entry, args, model, recipe)
     model_dict = dataclasses.asdict(cfg.model)
     key = tuple(sorted((k, str(v)) for k, v in model_dict.items()))
     print(f"  {entry.label}: {cfg.model.arch} width {cfg.model.width:g} ...", flush=True)
@@ -574,7 +796,8 @@ def _command_args(args: argparse.Namespace) -> list[str]:
     """The command as parsed, every option spelled out (so the report can be rerun as written)."""
     out = []
     for flag in ("methods", "arch", "width", "batch", "eval_batch", "input", "classes", "steps",
-                 "eval_steps", "repeats", "warmup", "device", "recipe", "dataset", "out"):  # fmt: skip
+                 "eval_steps", "repeats", "warmup", "device", "recipe", "dataset", "out", "name",
+                 "baseline"):  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             text = str(value)
@@ -582,6 +805,10 @@ def _command_args(args: argparse.Namespace) -> list[str]:
     out += [f"--set {shlex.quote(s)}" for s in args.set]
     if args.no_reference:
         out.append("--no-reference")
+    if args.ops_only:
+        out.append("--ops-only")
+    if getattr(args, "unfused_layers", False):
+        out.append("--unfused-layers")
     return out
 
 

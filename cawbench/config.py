@@ -153,6 +153,11 @@ class TrainConfig:
     pipeline_threads: int = engine_only(1)  # CPU pipeline: >1 = that many single-threaded workers over groups
     cuda_graph: bool = engine_only(False)  # CUDA only: capture the whole training step once per epoch, replay
     fused_optimizer: bool = engine_only(True)  # fused Adam/AdamW/SGD kernels where torch has them (CPU too)
+    # How the units of a step update (cawbench.updates): none = each right after its backward | steps = all
+    # at once (one clipping pass, one optimiser call per optimiser kind, one stats update; bit for bit none
+    # on the CPU) | all = steps + the loss pieces a method computes for all its units together (equal maths,
+    # float rounding of batched sums aside). Not hashed: an execution mode with the sequential maths.
+    merge_units: str = engine_only("all")
     # stop after the epoch that would overrun this; the row is marked truncated (and can be resumed)
     time_limit_s: float | None = engine_only(None)
     # Drive every epoch-indexed schedule (LR, temperature decay, ortho warm-up, CwComp's layer windows) by
@@ -174,6 +179,7 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed!r}")
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train.parallel", self.parallel, ("off", "pipeline", "streams"))
+        _check_choice("train.merge_units", self.merge_units, ("none", "steps", "all"))
         if self.pipeline_threads < 1:
             raise ConfigError(f"train.pipeline_threads must be >= 1, got {self.pipeline_threads!r}")
         if self.schedule_epochs is not None and self.schedule_epochs < 1:

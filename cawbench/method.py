@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,6 +59,52 @@ class StepContext:
 
     def trains(self, unit_index: int) -> bool:
         return self.active is None or self.active[unit_index]
+
+
+@dataclass
+class SharedTerms:
+    """Loss terms of several units computed together: ``terms[name][j]`` (unweighted, with its graph to the
+    parameters of unit ``units[j]``, a position in the list given to :meth:`Method.share_pieces`) is that
+    unit's term ``name``; the engine weights it with the unit's loss weights, logs it as the unit's own and
+    backpropagates it together with the unit's other terms."""
+
+    units: list[int]
+    terms: dict[str, torch.Tensor]
+
+
+@dataclass
+class Handoff:
+    """Tensors computed together for several units and handed to their forwards detached: ``leaves`` (each
+    requiring grad, e.g. ``source.detach().unbind(0)``) are what the units use; once every unit has
+    backpropagated, the engine sends the leaves' gradients on through ``source``
+    (``assemble(leaf gradients)`` is source's gradient)."""
+
+    source: torch.Tensor
+    leaves: list[torch.Tensor]
+    assemble: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack
+
+
+@dataclass
+class Gathered:
+    """Parameters of several units gathered into one tensor for a shared computation: ``leaf`` (made
+    without a graph, then requiring grad, e.g. ``torch.cat(params)``) is what the computation reads; after
+    the backward the engine gives ``params[i]`` the gradient ``split(leaf.grad)[i]`` (autograd through
+    ``torch.cat(params)`` would scatter it back one parameter at a time, a few ops per unit)."""
+
+    leaf: torch.Tensor
+    params: list[torch.Tensor]
+    split: Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+@dataclass
+class SharedPieces:
+    """What :meth:`Method.share_pieces` computed for the units of one step; ``release`` makes the units
+    compute everything themselves again (the engine calls it when the step's updates are done)."""
+
+    terms: list[SharedTerms] = field(default_factory=list)
+    handoffs: list[Handoff] = field(default_factory=list)
+    gathered: list[Gathered] = field(default_factory=list)
+    release: Callable[[], None] = lambda: None
 
 
 class LocalUnit(nn.Module):
@@ -177,6 +223,19 @@ class Method:
         """The epoch-indexed schedules this configuration drives besides the learning rate (names, for
         messages): what ``train.budget_schedules`` rescales. Empty: nothing to rescale."""
         return []
+
+    def share_pieces(
+        self, units: Sequence[LocalUnit], targets: Sequence[torch.Tensor], ctxs: Sequence[StepContext]
+    ) -> SharedPieces | None:
+        """Loss pieces that several units of one step compute alike, computed once for all of them
+        (``train.merge_units=all``): e.g. every unit's regularisers of its own parameters, batched over the
+        units of one shape, or a target distribution shared by every unit that sees the same labels.
+
+        Called by the engine before the forwards of ``units`` (the units about to train, their schedules
+        set), with the labels each will see and its context; the units use what was handed to them until
+        ``release``. The maths must be the units' own; only the float rounding may differ (batched
+        reductions sum in another order). None (the default): nothing is shared."""
+        return None
 
     def prepare_batch(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
         """Method-specific input construction (FF's label embedding); identity by default."""

@@ -38,7 +38,9 @@ Implementation notes (why, not what):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,10 +49,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from cawbench.archs import ArchPlan, LayerSpec, build_plan
-from cawbench.config import ConfigError, ModelConfig
+from cawbench.config import ConfigError, ModelConfig, RunConfig
 from cawbench.data import DataInfo
 from cawbench.layers import MEAN_POOL, ReluDropoutPool, channel_pool
-from cawbench.method import LocalNetwork, LocalUnit, Method, StepContext, UnitOutput
+from cawbench.method import (
+    Gathered,
+    Handoff,
+    LocalNetwork,
+    LocalUnit,
+    Method,
+    SharedPieces,
+    SharedTerms,
+    StepContext,
+    UnitOutput,
+)
 
 ASSIGNMENTS = ("fixed", "learnable")
 ASSIGNMENT_AXES = ("classes", "channels")
@@ -146,31 +158,56 @@ def assignment_entropy(assignment: torch.Tensor) -> torch.Tensor:
     """H(A) = (1/K) sum_k sum_c -A_ck log(A_ck + 1e-10) for A of shape [C, K] (spec 1(b)6).
 
     Summed over channels and averaged over classes, i.e. (C/K) times the mean per-channel entropy; a
-    uniform A gives (C/K) ln K.
+    uniform A gives (C/K) ln K. A stack of assignments [..., C, K] gives one value per assignment.
     """
-    k = assignment.shape[1]
-    return -(assignment * torch.log(assignment + ENTROPY_EPS)).sum() / k
+    k = assignment.shape[-1]
+    return -(assignment * torch.log(assignment + ENTROPY_EPS)).sum((-2, -1)) / k
 
 
 def column_gram(assignment: torch.Tensor) -> torch.Tensor:
-    """G = Ahat^T Ahat [K, K], Ahat = A with L2-normalised columns (+1e-10 on each norm, as released)."""
-    columns = assignment / (assignment.norm(dim=0, keepdim=True) + ORTHO_EPS)
-    return columns.T @ columns
+    """G = Ahat^T Ahat [K, K], Ahat = A with L2-normalised columns (+1e-10 on each norm, as released);
+    [..., K, K] for a stack of assignments [..., C, K]."""
+    columns = assignment / (assignment.norm(dim=-2, keepdim=True) + ORTHO_EPS)
+    return columns.transpose(-2, -1) @ columns
 
 
-def assignment_orthogonality(assignment: torch.Tensor, form: str = "released") -> torch.Tensor:
-    """Zero when the classes use disjoint channel sets; G = :func:`column_gram` of A [C, K].
+def assignment_orthogonality(
+    assignment: torch.Tensor, form: str = "released", channels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Zero when the classes use disjoint channel sets; G = :func:`column_gram` of A [C, K] (one value per
+    assignment of a stack [..., C, K]; ``channels``: each assignment's own C when the stack pads them with
+    zero rows to one C).
 
     ``released``: O(A) = (1/(K^2 C)) mean_{k,k'} (G - I)^2 (spec 1(b)6; the authors' double normalisation,
     ~1e-7 in practice). ``frobenius``: the textbook ||G - I||_F^2 = sum_{k,k'} (G - I)^2, no further
     normalisation (the overview's reading of the term as a real penalty).
     """
-    c, k = assignment.shape
+    c, k = assignment.shape[-2:]
     gram = column_gram(assignment)
     squared = (gram - torch.eye(k, device=assignment.device, dtype=gram.dtype)) ** 2
     if form == "frobenius":
-        return squared.sum()
-    return squared.mean() / (k * k * c)
+        return squared.sum((-2, -1))
+    return squared.mean((-2, -1)) / (k * k * (c if channels is None else channels))
+
+
+def temperature_of(
+    log_temperature: torch.Tensor, schedule: torch.Tensor, cfg: ChannelwiseConfig
+) -> torch.Tensor:
+    """T = clamp(exp(tau), T_min, T_max) * decay**at (elementwise: one unit's 0-d tau, or a stack)."""
+    return log_temperature.exp().clamp(cfg.temperature_min, cfg.temperature_max) * schedule
+
+
+def assignment_of(logits: torch.Tensor, temperature: torch.Tensor, softmax_dim: int) -> torch.Tensor:
+    """A = softmax(W / T) over classes (``softmax_dim`` -1) or channels (-2), in float32; for a stack of
+    logits [n, C, K], T has shape [n, 1, 1]."""
+    return torch.softmax(logits.float() / temperature, dim=softmax_dim)
+
+
+def smoothed_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """(1 - eps) onehot(y) + eps / K [B, K]: cross-entropy against it is label-smoothed cross-entropy."""
+    off = smoothing / num_classes
+    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return targets.scatter_(1, labels.unsqueeze(1), 1.0 - smoothing + off)
 
 
 @torch.no_grad()
@@ -257,20 +294,23 @@ class ChannelwiseUnit(LocalUnit):
         else:
             self.register_buffer("fixed_assignment", contiguous_assignment(channels, num_classes))
         self.score_scale = num_classes / channels if cfg.score_reduction == "mean" else 1.0
-        self.softmax_dim = 1 if cfg.assignment_axis == "classes" else 0
+        self.softmax_dim = -1 if cfg.assignment_axis == "classes" else -2
+        # Handed over by ChannelwiseMethod.share_pieces for one training step (train.merge_units=all): the
+        # assignment computed with the other units' of this shape (its entropy and orthogonality are then
+        # computed there too), and the label-smoothed CE target shared by every unit.
+        self.handed_assignment: torch.Tensor | None = None
+        self.handed_target: torch.Tensor | None = None
 
     # -- assignment
     def temperature(self) -> torch.Tensor:
         """T = clamp(exp(tau), T_min, T_max) * decay**at (a 0-d tensor; no host sync)."""
-        clamped = self.log_temperature.exp().clamp(self.cfg.temperature_min, self.cfg.temperature_max)
-        return clamped * self.temperature_schedule
+        return temperature_of(self.log_temperature, self.temperature_schedule, self.cfg)
 
     def assignment(self) -> torch.Tensor:
         """The channel-to-class assignment A [C, K] (rows sum to 1 for the released softmax over classes)."""
         if not self.learnable:
             return self.fixed_assignment
-        logits = self.assignment_logits.float() / self.temperature()
-        return torch.softmax(logits, dim=self.softmax_dim)
+        return assignment_of(self.assignment_logits, self.temperature(), self.softmax_dim)
 
     # -- forward and losses
     def forward(self, x: torch.Tensor) -> UnitOutput:
@@ -279,7 +319,7 @@ class ChannelwiseUnit(LocalUnit):
         elif self.spec.pool_before == "max":
             x = F.max_pool2d(x, 2, 2, ceil_mode=True)
         pooled, y = self.activity(self.conv(x))
-        assignment = self.assignment()
+        assignment = self.handed_assignment if self.handed_assignment is not None else self.assignment()
         scores = pooled @ assignment.to(pooled.dtype)
         if self.score_scale != 1.0:
             scores = scores * self.score_scale
@@ -298,8 +338,14 @@ class ChannelwiseUnit(LocalUnit):
     def local_losses(
         self, out: UnitOutput, target: torch.Tensor, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
-        terms = {"ce": F.cross_entropy(out.scores.float(), target, label_smoothing=self.cfg.label_smoothing)}
-        if self.learnable:  # a fixed one-hot A has constant (zero) regularisers: nothing to log or learn
+        scores = out.scores.float()
+        if self.handed_target is not None:  # the smoothed target distribution, made once for every unit
+            terms = {"ce": F.cross_entropy(scores, self.handed_target)}
+        else:
+            terms = {"ce": F.cross_entropy(scores, target, label_smoothing=self.cfg.label_smoothing)}
+        # A fixed one-hot A has constant (zero) regularisers: nothing to log or learn. A handed-over A has
+        # its regularisers computed with the other units' (ChannelwiseMethod.share_pieces).
+        if self.learnable and self.handed_assignment is None:
             assignment = out.extras["assignment"].float()
             # A term with weight 0 is still logged, but without a graph behind it.
             ent_in = assignment if self.cfg.lambda_entropy > 0 else assignment.detach()
@@ -330,6 +376,48 @@ class ChannelwiseUnit(LocalUnit):
         if self.learnable:
             out["temperature"] = self.temperature().detach().clone()
         return out
+
+
+@dataclass(frozen=True)
+class _StackLayout:
+    """Where the assignments of units with C_1..C_n channels sit in one zero-padded [n, C_max, K] stack."""
+
+    sizes: list[int]  # C of each unit
+    c_max: int
+    rows: torch.Tensor  # the stack's real rows, unit by unit, as indices into its [n * C_max, K] view
+    mask: torch.Tensor  # [n, C_max, 1]: 1 on real rows
+    channels: torch.Tensor  # [n] float: C of each unit
+
+    @staticmethod
+    def of(units: list[ChannelwiseUnit], c_max: int) -> _StackLayout:
+        device = units[0].assignment_logits.device
+        sizes = [u.assignment_logits.shape[0] for u in units]
+        rows = torch.cat([torch.arange(c) + i * c_max for i, c in enumerate(sizes)]).to(device)
+        mask = (torch.arange(c_max)[None, :] < torch.tensor(sizes)[:, None]).float()[..., None].to(device)
+        channels = torch.tensor(sizes, dtype=torch.float32, device=device)
+        return _StackLayout(sizes, c_max, rows, mask, channels)
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rows of the units one after the other ([sum C, ...]) -> one tensor per unit."""
+        return rows.split(self.sizes)
+
+    def assemble(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The stack's gradient from the units' leaves' gradients (zero on padding rows)."""
+        flat = torch.cat(grads)
+        stack = flat.new_zeros(len(self.sizes) * self.c_max, flat.shape[1]).index_copy(0, self.rows, flat)
+        return stack.view(len(self.sizes), self.c_max, -1)
+
+
+def _gather(params: list[torch.Tensor], join, split) -> Gathered:
+    """The parameters joined into one leaf (no graph back to them: the engine splits its gradient)."""
+    with torch.no_grad():
+        leaf = join(params)
+    return Gathered(leaf.requires_grad_(), params, split)
+
+
+def _take_back(units: list[ChannelwiseUnit]) -> None:
+    for unit in units:
+        unit.handed_assignment = unit.handed_target = None
 
 
 # --------------------------------------------------------------------------------- plan checks
@@ -408,6 +496,11 @@ class ChannelwiseMethod(Method):
     Config: ClassVar[type] = ChannelwiseConfig
     smoke_overrides: ClassVar[dict[str, Any]] = {"model.width": 0.1}
 
+    def __init__(self, cfg: RunConfig, info: DataInfo) -> None:
+        super().__init__(cfg, info)
+        self._layouts: dict[tuple[int, ...], _StackLayout] = {}  # per set of units sharing pieces
+        self._units: list[ChannelwiseUnit] = []  # the network's units (set by build)
+
     def build(self) -> LocalNetwork:
         if self.cfg.model.arch not in CONV_ARCHS:
             raise ConfigError(
@@ -418,6 +511,7 @@ class ChannelwiseMethod(Method):
         check_plan(plan, self.cfg.model, self.info, self.params.norm)
         units = [ChannelwiseUnit(spec, self.info.num_classes, self.params) for spec in plan.layers]
         stem = InputLayerNorm() if self.params.input_norm == "layer" else None
+        self._units = units
         return LocalNetwork(units, plan, stem)
 
     def loss_weights(self, at: float) -> dict[str, float]:
@@ -428,6 +522,81 @@ class ChannelwiseMethod(Method):
             "entropy": sign * p.lambda_entropy,
             "ortho": p.lambda_ortho * ortho_warmup(at, p.ortho_warmup_epochs),
         }
+
+    def share_pieces(
+        self, units: Sequence[LocalUnit], targets: Sequence[torch.Tensor], ctxs: Sequence[StepContext]
+    ) -> SharedPieces | None:
+        """What the channel-wise units of a step compute alike, once for all: the learnable assignments
+        (temperature, softmax, entropy and orthogonality) of every unit as one zero-padded stack, each unit's
+        assignment handed to its forward as a detached leaf; the label-smoothed CE target of each label
+        tensor. Same maths as the units' own (padding rows add exact zeros), summed in another order."""
+        mine = [(j, u) for j, u in enumerate(units) if isinstance(u, ChannelwiseUnit)]
+        pieces = SharedPieces(release=functools.partial(_take_back, [u for _, u in mine]))
+        if self.params.label_smoothing > 0:
+            made: dict[int, torch.Tensor] = {}
+            for j, unit in mine:
+                y = targets[j]
+                if id(y) not in made:
+                    made[id(y)] = smoothed_targets(y, unit.num_classes, self.params.label_smoothing)
+                unit.handed_target = made[id(y)]
+        learnable = [(j, u) for j, u in mine if u.learnable]
+        if learnable:
+            handoff, gathered, layout = self._shared_assignments([u for _, u in learnable])
+            pieces.handoffs.append(handoff)
+            pieces.gathered += gathered
+            pieces.terms.append(self._shared_regularisers([j for j, _ in learnable], handoff.source, layout))
+        return pieces
+
+    def _layout(self, units: list[ChannelwiseUnit]) -> _StackLayout:
+        key = tuple(id(u) for u in units)
+        if key not in self._layouts:
+            # Padded to the network's widest layer, whichever units share a step (a pipeline tick runs a
+            # few): every unit's slice of the stack has one shape, so its sums run the same way each time.
+            widest = max(u.spec.out_channels for u in [*self._units, *units])
+            self._layouts[key] = _StackLayout.of(units, widest)
+        return self._layouts[key]
+
+    def _shared_assignments(
+        self, units: list[ChannelwiseUnit]
+    ) -> tuple[Handoff, list[Gathered], _StackLayout]:
+        """A of every unit in one [n, C_max, K] stack, rows past a unit's C zero; the leaves are the real
+        rows, one [C, K] tensor per unit."""
+        layout = self._layout(units)
+        n, k = len(units), units[0].num_classes
+        softmax_dim = units[0].softmax_dim
+        gathered = [_gather([u.assignment_logits for u in units], torch.cat, layout.split)]
+        logits = gathered[0].leaf
+        if self.params.learn_temperature:
+            gathered.append(_gather([u.log_temperature for u in units], torch.stack, torch.unbind))
+            log_temperatures = gathered[-1].leaf
+        else:
+            log_temperatures = torch.stack([u.log_temperature for u in units])  # buffers
+        # padding rows: 0 when the softmax runs over classes (masked below), -inf over channels (weight 0)
+        fill = 0.0 if softmax_dim == -1 else float("-inf")
+        padded = logits.new_full((n * layout.c_max, k), fill).index_copy(0, layout.rows, logits)
+        temperatures = temperature_of(
+            log_temperatures, torch.stack([u.temperature_schedule for u in units]), self.params
+        )
+        stacked = assignment_of(padded.view(n, layout.c_max, k), temperatures.view(-1, 1, 1), softmax_dim)
+        stacked = stacked * layout.mask
+        leaves = list(stacked.detach().view(-1, k).index_select(0, layout.rows).split(layout.sizes))
+        for unit, leaf in zip(units, leaves, strict=True):
+            unit.handed_assignment = leaf.requires_grad_()
+        return Handoff(stacked, leaves, layout.assemble), gathered, layout
+
+    def _shared_regularisers(
+        self, positions: list[int], stacked: torch.Tensor, layout: _StackLayout
+    ) -> SharedTerms:
+        p = self.params
+        ent_in = stacked if p.lambda_entropy > 0 else stacked.detach()  # logged without a graph
+        ortho_in = stacked if p.lambda_ortho > 0 else stacked.detach()
+        return SharedTerms(
+            positions,
+            {
+                "entropy": assignment_entropy(ent_in),
+                "ortho": assignment_orthogonality(ortho_in, p.ortho_form, layout.channels),
+            },
+        )
 
     def epoch_schedules(self) -> list[str]:
         p, found = self.params, []

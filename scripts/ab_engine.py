@@ -31,6 +31,8 @@ VARIANTS = {  # name -> (config overrides, what it is)
     "base": ({}, "every default"),
     "unfused": ({}, "channel-wise layers as the plain ReLU -> dropout -> pooling composition"),
     "nofusedopt": ({"train.fused_optimizer": False}, "the optimisers' foreach implementation"),
+    "unmerged": ({"train.merge_units": "none"}, "train.merge_units=none: each unit clips and steps alone"),
+    "merged_steps": ({"train.merge_units": "steps"}, "train.merge_units=steps: no shared loss pieces"),
     "cl": ({}, "channels_last input and weights on the CPU"),
     "compile": ({"train.compile": True}, "torch.compile of every unit"),
     "compile_cl": ({"train.compile": True}, "torch.compile, channels_last"),

@@ -13,6 +13,7 @@ from torch import nn
 
 from cawbench.bench import (
     HostReadCounter,
+    OpCounter,
     SavedTensorMeter,
     parameter_storages,
     parse_methods,
@@ -73,6 +74,23 @@ def test_host_read_counter_sees_item_and_nonzero():
     assert reads.count == 2
 
 
+def test_op_counter_counts_every_dispatched_op_and_books_them_to_units():
+    t = torch.arange(4.0)
+    counter = OpCounter()
+    with counter:
+        a = t * 2  # 1 op, shared
+        with counter.hook(0):
+            b = a + 1  # unit 0: add, sum
+            b.sum()
+            with counter.hook(1):
+                torch.exp(b)  # unit 1 (nested hooks book to the innermost)
+            b.neg()  # unit 0 again
+        torch._foreach_add_([a, b], 1.0)  # one op for the whole list
+    assert counter.total == 6
+    assert counter.unit_counts(3) == [3, 1, 0] and counter.shared == 2
+    assert counter.by_op["aten._foreach_add_.Scalar"] == 1
+
+
 def test_parse_methods_with_row_overrides_and_errors():
     entries = parse_methods("backprop,backprop{train.parallel=pipeline;optim.lr=0.5}", ["backprop", "ff"])
     assert [e.method for e in entries] == ["backprop", "backprop"]
@@ -103,8 +121,9 @@ def _bench(tmp_path, *extra: str) -> list[dict[str, str]]:
     args = ["bench", "--input", "1x16x16", "--batch", "8", "--steps", "1", "--repeats", "2", "--warmup", "0",
             "--eval-steps", "1", "--device", "cpu", "--out", str(tmp_path), *extra]  # fmt: skip
     assert main(args) == 0
-    assert (tmp_path / "cpu.md").is_file()
-    with (tmp_path / "cpu.csv").open() as fh:
+    name = extra[extra.index("--name") + 1] if "--name" in extra else "cpu"
+    assert (tmp_path / f"{name}.md").is_file()
+    with (tmp_path / f"{name}.csv").open() as fh:
         return list(csv.DictReader(fh))
 
 
@@ -145,3 +164,69 @@ def test_local_training_flops_are_forward_plus_weight_gradient(tmp_path):
     projection_grad = 2 * (10 + 20 + 40 + 40) * 10  # its gradient w.r.t. the pooled features
     expected = 2 * (2 * macs) + projection + projection_grad
     assert float(row["train_gflop_per_img"]) * 1e9 == pytest.approx(expected, rel=1e-9)
+
+
+def test_ops_only_counts_each_row_and_a_baseline_adds_the_before_columns(tmp_path):
+    with registered() as method:
+        common = ("--methods", method, "--arch", "tinycnn", "--width", "0.1", "--ops-only")
+        before = _bench(tmp_path, *common, "--name", "before")
+        assert [r["label"] for r in before] == [method, "backprop (ref)"]
+        for row in before:
+            units = [int(n) for n in row["ops_by_unit"].split()]
+            assert int(row["ops_per_step"]) == sum(units) + int(row["ops_shared"])
+            assert min(units) > 0 and row["train_ips"] == ""  # nothing timed
+        local, ref = before
+        assert len(local["ops_by_unit"].split()) == 4 and len(ref["ops_by_unit"].split()) == 1
+        assert float(local["ops_x"]) == pytest.approx(int(local["ops_per_step"]) / int(ref["ops_per_step"]))
+        after = _bench(tmp_path, *common, "--name", "after", "--baseline", str(tmp_path / "before.csv"))
+    for old, new in zip(before, after, strict=True):
+        assert float(new["baseline_ops_per_step"]) == float(old["ops_per_step"])
+        assert float(new["baseline_ops_x"]) == pytest.approx(float(old["ops_x"]))
+    md = (tmp_path / "after.md").read_text()
+    assert "| ops/step before | x BP before |" in md and "before.csv" in md and "train img/s" not in md
+
+
+def test_a_baseline_without_op_counts_is_refused(tmp_path, capsys):
+    (tmp_path / "old.csv").write_text("label,arch,width,train_ips\nx,mlp,1,3\n")
+    args = ["bench", "--methods", "backprop", "--device", "cpu", "--out", str(tmp_path), "--ops-only",
+            "--baseline", str(tmp_path / "old.csv")]  # fmt: skip
+    assert main(args) == 2
+    assert "has no ops_per_step column" in capsys.readouterr().err
+
+
+def test_paper_rows_are_compared_with_backprops_twin_recipe(tmp_path):
+    # CwComp's twin is backprop's paper-cwcomp recipe (the same CNN with a flattened head); CAW-Conv has no
+    # twin recipe of its own and is compared with backprop's paper recipe.
+    from cawbench.bench import twin_recipe
+
+    args = SimpleNamespace(recipe="paper", dataset="fashion-mnist")
+    assert twin_recipe("cwcomp", args) == "paper-cwcomp" and twin_recipe("ff", args) == "paper-ff"
+    assert twin_recipe("caw_conv", args) == "paper"
+    assert twin_recipe("caw_conv", SimpleNamespace(recipe="default", dataset="fashion-mnist")) == "default"
+    rows = _bench(tmp_path, "--methods", "cwcomp", "--recipe", "paper", "--input", "1x28x28", "--ops-only")
+    assert [(r["label"], r["recipe"]) for r in rows] == [
+        ("cwcomp", "paper"),
+        ("backprop (ref, paper-cwcomp)", "paper-cwcomp"),
+    ]
+    assert rows[0]["reference"] == "backprop (ref, paper-cwcomp)" and float(rows[1]["ops_x"]) == 1.0
+
+
+def test_unfused_layers_count_the_plain_relu_dropout_pooling(tmp_path):
+    # CAW-Conv's layers train through one fused autograd node on the CPU; --unfused-layers counts the plain
+    # composition the GPU runs (ReLU, dropout, pooling as separate ops) and says so in the command line.
+    from cawbench.bench import unfuse_layers
+    from cawbench.engine import Trainer
+    from cawbench.layers import ReluDropoutPool
+    from cawbench.method import resolve_config
+
+    cfg = resolve_config({"method": "caw_conv", "model.arch": "tinycnn", "model.width": 0.1,
+                          "data.name": "synthetic", "train.device": "cpu"})  # fmt: skip
+    net = Trainer(cfg, write_result=False).net
+    assert unfuse_layers(net) == 4
+    assert [m.fused for m in net.modules() if isinstance(m, ReluDropoutPool)] == [False] * 4
+    common = ("--methods", "caw_conv", "--arch", "tinycnn", "--width", "0.1", "--ops-only", "--no-reference")
+    (fused,) = _bench(tmp_path, *common, "--name", "fused")
+    (plain,) = _bench(tmp_path, *common, "--name", "plain", "--unfused-layers")
+    assert int(plain["ops_per_step"]) > int(fused["ops_per_step"])  # one node's ops split into several
+    assert "--unfused-layers" in (tmp_path / "plain.md").read_text()
+    assert "--unfused-layers" not in (tmp_path / "fused.md").read_text()

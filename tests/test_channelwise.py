@@ -25,6 +25,7 @@ from cawbench.methods._channelwise import (
     assignment_orthogonality,
     contiguous_assignment,
     pooled_activity,
+    smoothed_targets,
 )
 from cawbench.methods.caw_conv import CAWConvConfig
 from cawbench.methods.deeperforward import DeeperForwardConfig
@@ -209,6 +210,63 @@ def test_label_smoothed_cross_entropy_matches_hand_computation():
     plain = ChannelwiseUnit(conv_spec(1, 2), 2, DeeperForwardConfig())
     assert set(plain.local_losses(out, torch.tensor([1]), CTX)) == {"ce"}  # fixed A: no regularisers
     assert plain.local_losses(out, torch.tensor([1]), CTX)["ce"].item() == pytest.approx(-math.log(0.75))
+
+
+def test_smoothed_targets_by_hand_and_their_cross_entropy_is_the_label_smoothed_one():
+    # K = 4, eps = 0.2: eps/K = 0.05 off the label, 1 - eps + eps/K = 0.85 on it
+    targets = smoothed_targets(torch.tensor([2, 0]), 4, 0.2)
+    expected = torch.tensor([[0.05, 0.05, 0.85, 0.05], [0.85, 0.05, 0.05, 0.05]])
+    torch.testing.assert_close(targets, expected)
+    scores, labels = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    assert F.cross_entropy(scores, smoothed_targets(labels, 10, 0.1)).item() == pytest.approx(
+        F.cross_entropy(scores, labels, label_smoothing=0.1).item(), rel=1e-6
+    )
+
+
+def _one_step_gradients(trainer: Trainer, merge: str, x, y) -> tuple[list[torch.Tensor], dict]:
+    """Every parameter's gradient after one engine step (updates switched off) and the logged terms."""
+    from cawbench.engine import StepStats
+
+    trainer.step.merge = merge
+    trainer.step.optimizers.step = lambda optimizers: None
+    for state in trainer.units:
+        state.optimizer.step = lambda *args, **kwargs: None
+        state.clip = None
+    torch.manual_seed(5)  # the same dropout draws
+    stats = StepStats(len(trainer.units), trainer.device)
+    trainer.step(x, y, trainer.step_state(30, 0, stats))
+    names, means, _, _ = stats.means()
+    return [p.grad.clone() for p in trainer.net.parameters()], {n: [r[j] for r in means] for j, n in
+                                                                enumerate(names)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"params__assignment_axis": "channels", "params__learn_temperature": False,
+          "params__ortho_form": "frobenius", "params__lambda_entropy": 0.0}],
+)  # fmt: skip
+def test_shared_pieces_give_each_unit_its_own_terms_and_gradients(params, tiny_config):
+    # ResNet-17 at width 0.1: assignments of 10, 20, 40 and 80 channels, padded into one stack; a random
+    # (non-uniform) assignment so that the conv gradients are not rounding noise.
+    trainer = Trainer(tiny_config("caw_conv", model__arch="resnet17", **params), write_result=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for unit in trainer.net.units:
+            unit.assignment_logits.add_(torch.randn(unit.assignment_logits.shape, generator=gen))
+    trainer.net.train()
+    x, y = next(trainer._batches("train", 0, train=True))
+    own, own_terms = _one_step_gradients(trainer, "none", x, y)
+    for p in trainer.net.parameters():
+        p.grad = None
+    shared, shared_terms = _one_step_gradients(trainer, "all", x, y)
+    assert set(shared_terms) == set(own_terms) == {"ce", "entropy", "ortho"}
+    for name, values in own_terms.items():
+        assert shared_terms[name] == pytest.approx(values, rel=1e-5, abs=1e-12), name
+    for (name, _), a, b in zip(trainer.net.named_parameters(), own, shared, strict=True):
+        scale = a.abs().max().item()  # float32 rounding of sums over the batch, relative to the tensor
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    assert all(g.abs().max() > 0 for g in own[:3])  # conv, assignment (and temperature) all learn
+    assert all(u.handed_assignment is None and u.handed_target is None for u in trainer.net.units)
 
 
 def test_loss_weights_follow_lambdas_and_the_linear_ortho_warmup(tiny_config):

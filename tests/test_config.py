@@ -120,7 +120,7 @@ def test_engine_only_fields_leave_the_hash_and_the_others_change_it(key):
     node = base
     for part in key.split("."):
         node = getattr(node, part)
-    value = 30.0 if key == "train.time_limit_s" else _other_value(node)
+    value = {"train.time_limit_s": 30.0, "train.merge_units": "none"}.get(key, _other_value(node))
     assert resolve_config({"method": "caw_conv", key: value}).config_hash() == base.config_hash(), key
     for changed in ({"train.seed": 1}, {"params.dropout": 0.3}, {"train.budget_schedules": True}):
         assert resolve_config({"method": "caw_conv", **changed}).config_hash() != base.config_hash()

@@ -4,6 +4,9 @@
   record, checkpoint, result row) and :func:`train`;
 - :mod:`~cawbench.engine.step`: one batch through every unit (:class:`BatchStep`) and the one object a batch
   carries (:class:`StepState`: schedule point, loss weights, active units, the epoch's statistics);
+- :mod:`~cawbench.engine.updates`: the units' updates merged (``train.merge_units``: one clipping pass, one
+  optimiser call per optimiser kind, the method's shared loss pieces); :mod:`~cawbench.engine.stats`: the
+  epoch's running sums (:class:`StepStats`);
 - :mod:`~cawbench.engine.executors`: in which order batches and units run, chosen by name from a registry
   (``sequential``, ``streams``, ``cuda_graph``; ``pipeline`` in :mod:`~cawbench.engine.pipeline`), each
   with the sequential updates;
@@ -31,14 +34,16 @@ from cawbench.engine.executors import (
 )
 from cawbench.engine.pipeline import PipelineRunner, ThreadPipeline, balanced_groups, run_thread_pipeline
 from cawbench.engine.records import default_run_name, software_versions
-from cawbench.engine.step import BatchStep, StepState, StepStats, UnitState, weighted_sum
+from cawbench.engine.stats import StepStats
+from cawbench.engine.step import BatchStep, StepState, UnitState, weighted_sum
 from cawbench.engine.trainer import EpochCallback, Trainer, train
+from cawbench.engine.updates import MERGE_MODES, MergedOptimizers, clip_grad_norms_
 
 __all__ = [
-    "EXECUTORS", "BatchStep", "CudaGraphBackend", "EpochCallback", "ExecutorSetup", "GraphedSteps",
-    "PipelineRunner", "ReplayBackend", "ResumeError", "StepState", "StepStats", "StreamsStep",
-    "ThreadPipeline", "Trainer", "TrainingDiverged", "UnitState", "autocast", "balanced_groups",
-    "build_executor", "default_run_name", "executor_name", "load_checkpoint", "make_optimizer",
-    "register_executor", "resolve_device", "run_thread_pipeline", "save_checkpoint", "software_versions",
-    "train", "use_bf16", "weighted_sum", "with_replayed_graphs",
+    "EXECUTORS", "MERGE_MODES", "BatchStep", "CudaGraphBackend", "EpochCallback", "ExecutorSetup",
+    "GraphedSteps", "MergedOptimizers", "PipelineRunner", "ReplayBackend", "ResumeError", "StepState",
+    "StepStats", "StreamsStep", "ThreadPipeline", "Trainer", "TrainingDiverged", "UnitState", "autocast",
+    "balanced_groups", "build_executor", "clip_grad_norms_", "default_run_name", "executor_name",
+    "load_checkpoint", "make_optimizer", "register_executor", "resolve_device", "run_thread_pipeline",
+    "save_checkpoint", "software_versions", "train", "use_bf16", "weighted_sum", "with_replayed_graphs",
 ]  # fmt: skip

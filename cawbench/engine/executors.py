@@ -6,6 +6,10 @@ counts every batch once (``state.stats.count_step(state)``). Executors are regis
 from the configuration by :func:`executor_name`; each is tested equal to ``sequential``
 (``tests/test_parallel.py``). Methods never see which one runs them.
 
+Every executor also scopes the merged updates of ``train.merge_units`` (:meth:`BatchStep.updates
+<cawbench.engine.step.BatchStep.updates>`): the units it runs together update together, each before its
+next forward.
+
 - ``sequential`` (``train.parallel=off``): batch after batch, unit after unit.
 - ``streams`` (``train.parallel=streams``, CUDA): every unit on its own CUDA stream, the next unit's forward
   overlapping this unit's backward and update (elsewhere: sequential).
@@ -109,7 +113,9 @@ class StreamsStep:
     so its forward runs while unit i does its loss, backward, clipping and update. Each unit's stream keeps
     its steps in order, so unit i's next forward still sees its updated weights: the sequential maths, with
     the small kernels of neighbouring units in flight together (once launched from a CUDA graph, the device
-    runs the chain of forwards while the updates trail behind). Off CUDA: the sequential step."""
+    runs the chain of forwards while the updates trail behind). Merged updates (``train.merge_units``) run
+    on the calling stream once every unit's stream is done; the next step's streams start after them. Off
+    CUDA: the sequential step."""
 
     def __init__(self, step: BatchStep) -> None:
         self.step = step
@@ -122,22 +128,24 @@ class StreamsStep:
         if self.streams is None:
             return self.step(x, y, state, hook)
         origin = torch.cuda.current_stream(self.step.device)
+        n = len(self.streams)
         h, shortcut = self.step.start(x, y), None
         wait: Any = origin
-        for i, stream in enumerate(self.streams):
-            if isinstance(wait, torch.cuda.Stream):
-                stream.wait_stream(wait)
-            else:
-                stream.wait_event(wait)
-            with torch.cuda.stream(stream):
-                for t in (h, shortcut, y):
-                    if t is not None:
-                        t.record_stream(stream)  # made on another stream, freed on this one
-                ready = torch.cuda.Event()
-                h, shortcut = self.step.unit(i, h, shortcut, y, state, hook, ready)
-            wait = ready
-        for stream in self.streams:
-            origin.wait_stream(stream)
+        with self.step.updates(list(range(n)), [y] * n, [state] * n) as pending:
+            for i, stream in enumerate(self.streams):
+                if isinstance(wait, torch.cuda.Stream):
+                    stream.wait_stream(wait)
+                else:
+                    stream.wait_event(wait)
+                with torch.cuda.stream(stream):
+                    for t in (h, shortcut, y):
+                        if t is not None:
+                            t.record_stream(stream)  # made on another stream, freed on this one
+                    ready = torch.cuda.Event()
+                    h, shortcut = self.step.unit(i, h, shortcut, y, state, hook, ready, pending)
+                wait = ready
+            for stream in self.streams:
+                origin.wait_stream(stream)
         return None
 
 

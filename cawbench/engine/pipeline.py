@@ -4,7 +4,8 @@ On CUDA, and on the CPU with one thread, :class:`PipelineRunner` runs the wavefr
 CUDA stream; with ``train.cuda_graph`` its steady-state ticks captured as graphs). On the CPU with
 ``train.pipeline_threads=N`` (N > 1), :func:`run_thread_pipeline` drives N single-threaded workers over
 FLOP-balanced groups of consecutive units (:func:`balanced_groups`). Every unit sees the batches in order
-and consumes its predecessor's output from before that predecessor's update: the sequential maths.
+and consumes its predecessor's output from before that predecessor's update: the sequential maths. Merged
+updates (``train.merge_units``) are scoped per tick (units 1.., then unit 0) and per worker batch.
 """
 
 from __future__ import annotations
@@ -87,22 +88,52 @@ class PipelineRunner:
 
     # -- one eager tick ----------------------------------------------------------------------------------
     def _eager_tick(self, slots: list[_PipeItem | None], point: Callable[[int], StepState]) -> None:
-        for i in reversed(range(self.n)):  # downstream first: an output waits one tick for its consumer
-            item = slots[i]
-            if item is None:
-                continue
+        # Downstream first (an output waits one tick for its consumer). Unit 0 starts a new batch, whose
+        # construction may read the network (FF's hard negatives), so with merged updates it runs after
+        # the others' updates, as it does when every unit updates right after its backward.
+        items = [(i, slots[i]) for i in reversed(range(self.n)) if slots[i] is not None]
+        for i, _ in items:
             slots[i] = None
-            with self._stream(i):
-                if self.cuda:
-                    self.streams[i].wait_event(item.ready)
-                    for t in (item.h, item.shortcut, item.y, item.x):
-                        if t is not None:
-                            t.record_stream(self.streams[i])  # made on another stream, freed here
-                h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
-                h, shortcut = self.step.unit(i, h, shortcut, item.y, point(item.batch))
-                if i + 1 < self.n:
-                    ready = self._event(self.streams[i] if self.cuda else None)
-                    slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
+        for group in ([(i, it) for i, it in items if i > 0], [(i, it) for i, it in items if i == 0]):
+            if not group:
+                continue
+            states = [point(item.batch) for _, item in group]
+            units = [i for i, _ in group]
+            with self.step.updates(units, [item.y for _, item in group], states) as pending:
+                self._after_updates(units, pending)
+                for (i, item), state in zip(group, states, strict=True):
+                    self._eager_unit(i, item, state, slots, pending)
+                self._before_updates(units, pending)
+
+    def _eager_unit(
+        self, i: int, item: _PipeItem, state: StepState, slots: list[_PipeItem | None], pending: Any
+    ) -> None:
+        with self._stream(i):
+            if self.cuda:
+                self.streams[i].wait_event(item.ready)
+                for t in (item.h, item.shortcut, item.y, item.x):
+                    if t is not None:
+                        t.record_stream(self.streams[i])  # made on another stream, freed here
+            h, shortcut = (self.step.start(item.x, item.y), None) if i == 0 else (item.h, item.shortcut)
+            h, shortcut = self.step.unit(i, h, shortcut, item.y, state, pending=pending)
+            if i + 1 < self.n:
+                ready = self._event(self.streams[i] if self.cuda else None)
+                slots[i + 1] = _PipeItem(h, shortcut, item.y, item.batch, ready)
+
+    def _after_updates(self, units: list[int], pending: Any) -> None:
+        """CUDA, merged updates: the units' streams start after what the scope did on the calling stream
+        (its gradients cleared, the method's shared pieces)."""
+        if self.cuda and pending is not None:
+            origin = torch.cuda.current_stream(self.step.device)
+            for i in units:
+                self.streams[i].wait_stream(origin)
+
+    def _before_updates(self, units: list[int], pending: Any) -> None:
+        """CUDA, merged updates: the calling stream makes the updates once the units' streams are done."""
+        if self.cuda and pending is not None:
+            origin = torch.cuda.current_stream(self.step.device)
+            for i in units:
+                origin.wait_stream(self.streams[i])
 
     # -- captured ticks ----------------------------------------------------------------------------------
     def _allocate(self, slots: list[_PipeItem]) -> list[_TickBuffers]:
@@ -135,23 +166,28 @@ class PipelineRunner:
 
     def _tick(self, src: _TickBuffers, dst: _TickBuffers, states: list[StepState]) -> None:
         origin = torch.cuda.current_stream(self.step.device) if self.cuda else None
-        for i in reversed(range(self.n)):
-            if self.cuda:
-                self.streams[i].wait_stream(origin)
-            with self._stream(i):
-                if i == 0:
-                    h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
-                else:
-                    h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
-                h, shortcut = self.step.unit(i, h, shortcut, y, states[i])
-                if i + 1 < self.n:
-                    dst.h[i + 1].copy_(h)
-                    dst.y[i + 1].copy_(y)
-                    if dst.shortcut[i + 1] is not None:
-                        dst.shortcut[i + 1].copy_(shortcut)
-        if self.cuda:
-            for s in self.streams:
-                origin.wait_stream(s)
+        for group in (list(reversed(range(1, self.n))), [0]):  # unit 0 after the others (see _eager_tick)
+            if not group:
+                continue
+            labels = [src.y0 if i == 0 else src.y[i] for i in group]
+            with self.step.updates(group, labels, [states[i] for i in group]) as pending:
+                for i in group:
+                    if self.cuda:
+                        self.streams[i].wait_stream(origin)
+                    with self._stream(i):
+                        if i == 0:
+                            h, shortcut, y = self.step.start(src.x, src.y0), None, src.y0
+                        else:
+                            h, shortcut, y = src.h[i], src.shortcut[i], src.y[i]
+                        h, shortcut = self.step.unit(i, h, shortcut, y, states[i], pending=pending)
+                        if i + 1 < self.n:
+                            dst.h[i + 1].copy_(h)
+                            dst.y[i + 1].copy_(y)
+                            if dst.shortcut[i + 1] is not None:
+                                dst.shortcut[i + 1].copy_(shortcut)
+                if self.cuda:
+                    for i in group:
+                        origin.wait_stream(self.streams[i])
 
     # -- the epoch -----------------------------------------------------------------------------------------
     def run_epoch(self, batches: Batches, point: Callable[[int], StepState]) -> None:
@@ -282,8 +318,10 @@ def run_thread_pipeline(
                 continue  # keep draining so the worker upstream never blocks
             try:
                 h, shortcut, y, state = item
-                for i in groups[w]:
-                    h, shortcut = step.unit(i, h, shortcut, y, state)
+                units = groups[w]
+                with step.updates(units, [y] * len(units), [state] * len(units)) as pending:
+                    for i in units:
+                        h, shortcut = step.unit(i, h, shortcut, y, state, pending=pending)
                 if w + 1 < n_workers:
                     queues[w + 1].put((h, shortcut, y, state))
             except BaseException as exc:  # re-raised in the calling thread

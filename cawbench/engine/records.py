@@ -21,7 +21,7 @@ import cawbench
 from cawbench.config import RunConfig
 from cawbench.data import PreparedData
 from cawbench.engine.devices import device_name
-from cawbench.engine.step import StepStats
+from cawbench.engine.stats import StepStats
 from cawbench.method import LocalNetwork
 from cawbench.provenance import provenance
 from cawbench.results import atomic_write_bytes
@@ -40,29 +40,21 @@ class EpochMeans:
 
 def epoch_means(stats: StepStats, weights: Mapping[str, float]) -> EpochMeans:
     """Epoch means of every unit's loss terms (over the steps it trained), unweighted and weighted, their
-    first-batch values, and every unit's training accuracy. ``weights``: the epoch's loss weights (used
-    when they held all epoch)."""
-    term_sums, first_terms = stats.term_sums, stats.first_terms
-    names = sorted({k for sums in term_sums for k in sums})
-    sources = [term_sums, first_terms] + ([stats.weighted_sums] if stats.weighted_sums is not None else [])
-    # One device->host transfer: epoch means, first-batch values, (weighted means).
-    table = torch.full(
-        (len(sources), len(term_sums), max(len(names), 1)), float("nan"), device=stats.correct.device
-    )
-    for s, sums_by_unit in enumerate(sources):
-        for i, sums in enumerate(sums_by_unit):
-            for j, k in enumerate(names):
-                if k in sums:
-                    table[s, i, j] = sums[k] if s == 1 else sums[k] / max(stats.active_steps[i], 1)
-    values, firsts, *weighted = table.tolist()
-    if not weighted:  # the weights held for the whole epoch: weighted mean = weight x mean
-        weighted = [[[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]]
+    first-batch values, and every unit's training accuracy, read back in one transfer. ``weights``: the
+    epoch's loss weights (used when they held all epoch; under ``train.budget_schedules`` the weighted
+    means are summed every step)."""
+    names, values, weighted, firsts = stats.means()
+    if weighted is None:  # the weights held for the whole epoch: weighted mean = weight x mean
+        weighted = [[weights.get(k, 1.0) * v for k, v in zip(names, row)] for row in values]
     acc = (100 * stats.correct / stats.seen.clamp(min=1)).tolist()
     seen_list = stats.seen.tolist()
 
-    def trained(rows: list[list[float]], which: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    def trained(rows: list[list[float]]) -> dict[str, list[float | None]]:
         return {
-            k: [rows[i][j] if stats.active_steps[i] and k in which[i] else None for i in range(len(rows))]
+            k: [
+                rows[i][j] if stats.active_steps[i] and k in stats.logged[i] else None
+                for i in range(len(rows))
+            ]
             for j, k in enumerate(names)
         }
 
@@ -71,10 +63,10 @@ def epoch_means(stats: StepStats, weights: Mapping[str, float]) -> EpochMeans:
 
     record = {
         "train_loss": by_term(values),
-        "train_loss_weighted": by_term(weighted[0]),
+        "train_loss_weighted": by_term(weighted),
         "train_acc": [acc[i] if seen_list[i] else None for i in range(len(acc))],
     }
-    return EpochMeans(record, trained(values, term_sums), trained(firsts, first_terms))
+    return EpochMeans(record, trained(values), trained(firsts))
 
 
 def result_row(

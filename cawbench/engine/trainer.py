@@ -43,7 +43,8 @@ from cawbench.engine.records import (
     save_artifacts,
     unit_stats,
 )
-from cawbench.engine.step import BatchStep, StepState, StepStats, UnitState
+from cawbench.engine.stats import StepStats
+from cawbench.engine.step import BatchStep, StepState, UnitState
 from cawbench.method import LocalNetwork, Method, StepContext, get_method, recipe_overrides
 from cawbench.readouts import ReadoutContext, check_readouts, get_readout, per_layer_accuracy
 from cawbench.results import append_result, atomic_write_text
@@ -96,6 +97,7 @@ class Trainer:
             self.bf16,
             autocast_cache=not self.cuda_graph,
             lr_horizon=self.clock.lr_horizon,
+            merge=cfg.train.merge_units,
         )
         self.executor_setup = ExecutorSetup(self.step, cfg.train, self._unit_costs)
         self.executor: Executor = build_executor(self.executor_name, self.executor_setup)
