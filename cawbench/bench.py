@@ -22,7 +22,11 @@ data batching and the on-device transform are included, as in training. Definiti
   launch-bound a method is even where no GPU is at hand. Split into the ops inside each unit (its forward,
   losses, backward and, unmerged, its update) and the ops outside any unit (the stem, the merged updates of
   ``train.merge_units``). ``--ops-only`` measures nothing else; ``--unfused-layers`` counts (and times) the
-  channel-wise layers' ReLU-dropout-pooling as the plain composition the GPU runs, not the CPU's fused node.
+  channel-wise layers' ReLU-dropout-pooling as the plain composition the GPU runs, not the CPU's fused node,
+  with the native dropout kernel a GPU runs (one op), not the CPU's bulk-drawn masks. The step counted is a
+  steady-state one: the second of an epoch, after one untallied step into the same running sums (an
+  epoch's first step also records each term's first value, bookkeeping the later steps do not have); the
+  backprop reference is counted the same way.
 - **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one training step (the forward and backward
   matmul/convolution work it counts; only the gradients a unit really computes: a detached input gets no
   input gradient), per image; likewise over one evaluation batch. Counted eagerly even when units are
@@ -177,24 +181,31 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_step_ops(trainer: Any, x: torch.Tensor, y: torch.Tensor) -> OpCounter:
-    """The ops of one training step (the first of epoch 0, into fresh running sums) through
-    ``trainer.step`` (the engine's own step, eager)."""
+    """The ops of one steady-state training step through ``trainer.step`` (the engine's own step, eager):
+    the second step of epoch 0, after a first one, not counted, into the same fresh running sums (an epoch's
+    first step also records every loss term's first value, which later steps do not)."""
     counter = OpCounter()
-    state = trainer.step_state(0, 0, trainer.new_stats())
-    with _force_eager(), counter:
-        trainer.step(x, y, state, hook=counter.hook)
+    stats = trainer.new_stats()
+    with _force_eager():
+        trainer.step(x, y, trainer.step_state(0, 0, stats))
+        with counter:
+            trainer.step(x, y, trainer.step_state(0, 1, stats), hook=counter.hook)
     return counter
 
 
 def unfuse_layers(net: torch.nn.Module) -> int:
-    """Layers with a fused CPU training path (:class:`cawbench.layers.ReluDropoutPool`: ReLU, dropout and
-    pooling in one autograd node) run as their plain composition instead, the op structure of the GPU path
-    (``--unfused-layers``); returns how many layers were switched."""
-    from cawbench.layers import ReluDropoutPool
+    """The op structure of the GPU path on any device (``--unfused-layers``): layers with a fused CPU
+    training path (:class:`cawbench.layers.ReluDropoutPool`: ReLU, dropout and pooling in one autograd node)
+    run as their plain composition, and every dropout (:class:`cawbench.layers.BulkDropout`: the channel-wise
+    layers' and backprop's) runs the native kernel a GPU runs (``torch.native_dropout``) instead of the
+    CPU's bulk draws; returns how many fused layers were switched."""
+    from cawbench.layers import BulkDropout, ReluDropoutPool
 
     layers = [m for m in net.modules() if isinstance(m, ReluDropoutPool)]
     for layer in layers:
         layer.fused = False
+    for dropout in (m for m in net.modules() if isinstance(m, BulkDropout)):
+        dropout.bulk = False
     return len(layers)
 
 
@@ -590,7 +601,8 @@ def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device
         + f", Python {platform.python_version()}",
         f"- input {'x'.join(map(str, args.input_shape))}, {args.classes} classes, batch {args.batch}, "
         + (
-            "ops counted over one training step after one untimed epoch (`--ops-only`: nothing timed)"
+            "ops counted over one steady-state training step (an epoch's second: its first, not counted, "
+            "records first values) after one untimed epoch (`--ops-only`: nothing timed)"
             if args.ops_only
             else f"{args.steps} batches per timed epoch, {args.warmup} warm-up + {args.repeats} timed "
             "repeats (median ± (max-min)/median)"
@@ -683,7 +695,8 @@ def add_parser(sub: Any) -> None:
         "--unfused-layers",
         action="store_true",
         help="run layers with a fused CPU training path (the channel-wise ReLU-dropout-pooling node) as their "
-        "plain composition: the op structure of the GPU path",
+        "plain composition and dropout as the native kernel (not bulk CPU draws): the op structure of the "
+        "GPU path",
     )
     p.add_argument("--note", help="a line written into the report (e.g. about shared cores)")
     p.set_defaults(func=run_bench)

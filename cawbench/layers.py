@@ -14,7 +14,7 @@ Why bulk draws: on the CPU, PyTorch draws a dropout mask one element at a time f
 (``bernoulli_``): measured here, 42 ms for a 128x40x32x32 activation, a fifth of a whole CAW-Conv training
 step at width 0.4. :func:`bulk_uniform` draws 32 random bits per element in bulk from NumPy's SFC64 generator
 (seeded from torch's generator, so runs stay reproducible from ``train.seed``) and turns their low 23 bits
-into a float32 ``u`` uniform on [1, 2) (two integer ops on all cores). An element is kept when ``u > 1 + p``:
+into a float32 ``u`` uniform on [1, 2) (two in-place NumPy integer ops: no ATen op for the bit work). An element is kept when ``u > 1 + p``:
 an i.i.d. Bernoulli(1 - p) keep decision (p exact to 2**-23), survivors scaled by 1 / (1 - p). Only the
 random stream differs from ``nn.Dropout``'s. Keeping ``u`` as a float lets a kept-or-zero select be one
 ``threshold_backward`` pass instead of a boolean ``where``, ~10x slower here. On other devices the native
@@ -42,10 +42,14 @@ MEAN_POOL = (1.0, 0.0, 0.0)
 def bulk_uniform(shape: torch.Size) -> torch.Tensor:
     """i.i.d. uniform float32 on [1, 2) with ``shape`` (CPU, step 2**-23), seeded from torch's generator."""
     n = int(np.prod(shape))
-    seed = int(torch.randint(0, 2**62, (1,)).item())  # one draw from torch's (seeded) CPU generator
+    # One draw from torch's (seeded) CPU generator, read with tolist(): a host tensor's value without an
+    # ATen op (``.item()`` would dispatch one).
+    (seed,) = torch.randint(0, 2**62, (1,)).tolist()
     bits = np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]
-    u = torch.from_numpy(bits).bitwise_and_(MANTISSA_BITS).bitwise_or_(ONE_F32_BITS)
-    return u.view(torch.float32).view(shape)
+    # The bit work in NumPy, in place: the same bits as torch's bitwise ops, and no ATen op per step for it.
+    np.bitwise_and(bits, MANTISSA_BITS, out=bits)
+    np.bitwise_or(bits, ONE_F32_BITS, out=bits)
+    return torch.from_numpy(bits.view(np.float32).reshape(tuple(shape)))
 
 
 def keep_threshold(p: float) -> float:
@@ -78,17 +82,25 @@ def _check_p(p: float) -> float:
 
 
 class BulkDropout(nn.Module):
-    """``nn.Dropout(p)``: on the CPU with a bulk-drawn mask (see the module docstring), elsewhere native."""
+    """``nn.Dropout(p)``: on the CPU with a bulk-drawn mask (see the module docstring), elsewhere native.
+
+    ``bulk = False`` runs the native kernel on the CPU too: ``torch.native_dropout``, the one op F.dropout
+    dispatches to on a GPU (on the CPU F.dropout is four ops), for op counts with a GPU step's structure
+    (``cawbench bench --unfused-layers``); its random stream is torch's, not the bulk draws'.
+    """
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
         self.p = _check_p(p)
+        self.bulk = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
+        if not self.bulk:
+            return torch.native_dropout(x, self.p, True)[0]
         keep = bulk_keep_mask(x.shape, self.p)
         return _ApplyMask.apply(x, keep, 1.0 / (1.0 - self.p))
 
@@ -164,10 +176,16 @@ class _FusedReluDropoutPool(torch.autograd.Function):
             ctx.save_for_backward(y, at_high, at_low, high > 0, low > 0)
         ctx.scale, ctx.coef = scale, coef
         ctx.mark_non_differentiable(y)
+        # y's gradient is never used: no full-size zeros for it in backward (autograd would materialise one)
+        ctx.set_materialize_grads(False)
         return pooled, y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_y: Any) -> tuple[torch.Tensor, None, None, None, None]:
+    def backward(
+        ctx: Any, grad: torch.Tensor | None, _grad_y: Any
+    ) -> tuple[torch.Tensor | None, None, None, None, None]:
+        if grad is None:  # nothing reached the pooled activity (grads are not materialised)
+            return None, None, None, None, None
         y, *extremes = ctx.saved_tensors
         a, b, d = ctx.coef
         flat = y.flatten(2)
@@ -190,7 +208,7 @@ class ReluDropoutPool(nn.Module):
     gradients equal to float32 rounding, one full-size tensor saved instead of three; 1.15-1.25x on a whole
     CAW-Conv step at width 1.0). Everywhere else, the plain composition: ReLU (in place: z is the conv's
     output, kept by nobody), :class:`BulkDropout`, :func:`channel_pool`. ``fused = False`` forces the
-    composition (for A/B timing and tests).
+    composition (for A/B timing and tests), as does ``dropout.bulk = False`` (native dropout draws).
     """
 
     def __init__(self, p: float, coef: tuple[float, float, float] = MEAN_POOL) -> None:
@@ -202,7 +220,8 @@ class ReluDropoutPool(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.dropout.p
         # float32 only: the draws are float32 uniforms (bf16 would round p to 1/128)
-        if self.fused and self.training and p > 0 and z.device.type == "cpu" and z.dtype == torch.float32:
+        fusable = self.fused and self.dropout.bulk  # the node's draws are bulk draws
+        if fusable and self.training and p > 0 and z.device.type == "cpu" and z.dtype == torch.float32:
             u = bulk_uniform(z.shape)
             return _FusedReluDropoutPool.apply(z, u, keep_threshold(p), 1.0 / (1.0 - p), self.coef)
         y = self.dropout(F.relu(z, inplace=True))

@@ -159,7 +159,8 @@ class LocalNetwork(nn.Module):
         self, index: int, passed: torch.Tensor, shortcut: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next unit's input from this unit's (detached) output and the running shortcut."""
-        passed = passed.detach()
+        if passed.requires_grad:  # (a tensor without a graph needs no detached alias)
+            passed = passed.detach()
         if self.wiring is not None and index < len(self.wiring.ops):
             return self.wiring.apply(index, passed, shortcut)
         return passed, shortcut

@@ -323,9 +323,9 @@ class ChannelwiseUnit(LocalUnit):
         scores = pooled @ assignment.to(pooled.dtype)
         if self.score_scale != 1.0:
             scores = scores * self.score_scale
-        return UnitOutput(
-            passed=self._normalise(y.detach()), scores=scores, extras={"assignment": assignment}
-        )
+        # y carries no graph out of the fused node; the plain composition's is cut here
+        passed = self._normalise(y.detach() if y.requires_grad else y)
+        return UnitOutput(passed=passed, scores=scores, extras={"assignment": assignment})
 
     def _normalise(self, y: torch.Tensor) -> torch.Tensor:
         if self.cfg.norm == "group":

@@ -211,22 +211,54 @@ def test_paper_rows_are_compared_with_backprops_twin_recipe(tmp_path):
     assert rows[0]["reference"] == "backprop (ref, paper-cwcomp)" and float(rows[1]["ops_x"]) == 1.0
 
 
-def test_unfused_layers_count_the_plain_relu_dropout_pooling(tmp_path):
-    # CAW-Conv's layers train through one fused autograd node on the CPU; --unfused-layers counts the plain
-    # composition the GPU runs (ReLU, dropout, pooling as separate ops) and says so in the command line.
-    from cawbench.bench import unfuse_layers
+def _tiny_caw_trainer():
     from cawbench.engine import Trainer
-    from cawbench.layers import ReluDropoutPool
     from cawbench.method import resolve_config
 
     cfg = resolve_config({"method": "caw_conv", "model.arch": "tinycnn", "model.width": 0.1,
                           "data.name": "synthetic", "train.device": "cpu"})  # fmt: skip
-    net = Trainer(cfg, write_result=False).net
-    assert unfuse_layers(net) == 4
-    assert [m.fused for m in net.modules() if isinstance(m, ReluDropoutPool)] == [False] * 4
+    trainer = Trainer(cfg, write_result=False)
+    trainer.net.train()
+    return trainer, next(trainer._batches("train", 0, train=True))
+
+
+def test_unfused_layers_count_the_plain_relu_dropout_pooling_with_native_dropout(tmp_path):
+    # CAW-Conv's layers train through one fused autograd node with bulk-drawn CPU dropout masks on the CPU;
+    # --unfused-layers counts the GPU's op structure: ReLU, dropout and pooling as separate ops, the dropout
+    # as the one native kernel a GPU runs; and says so in the command line.
+    from cawbench.bench import count_step_ops, unfuse_layers
+    from cawbench.layers import BulkDropout, ReluDropoutPool
+
+    trainer, batch = _tiny_caw_trainer()
+    fused = count_step_ops(trainer, *batch).by_op
+    assert unfuse_layers(trainer.net) == 4
+    assert [m.fused for m in trainer.net.modules() if isinstance(m, ReluDropoutPool)] == [False] * 4
+    assert [m.bulk for m in trainer.net.modules() if isinstance(m, BulkDropout)] == [False] * 4
+    plain = count_step_ops(trainer, *batch).by_op
+    # fused: the node's masked ReLU (threshold_backward.grad_input) over the bulk draws, no native dropout
+    assert fused["aten.threshold_backward.grad_input"] == 4 and fused["aten.randint.low"] == 4
+    assert "aten.native_dropout.default" not in fused and "aten.relu_.default" not in fused
+    # plain: ReLU, the native dropout and its backward, one each per unit; no bulk draws
+    for op in ("relu_", "native_dropout", "native_dropout_backward"):
+        assert plain[f"aten.{op}.default"] == 4, op
+    assert "aten.randint.low" not in plain and "aten.threshold_backward.grad_input" not in plain
     common = ("--methods", "caw_conv", "--arch", "tinycnn", "--width", "0.1", "--ops-only", "--no-reference")
-    (fused,) = _bench(tmp_path, *common, "--name", "fused")
-    (plain,) = _bench(tmp_path, *common, "--name", "plain", "--unfused-layers")
-    assert int(plain["ops_per_step"]) > int(fused["ops_per_step"])  # one node's ops split into several
+    _bench(tmp_path, *common, "--name", "fused")
+    _bench(tmp_path, *common, "--name", "plain", "--unfused-layers")
     assert "--unfused-layers" in (tmp_path / "plain.md").read_text()
     assert "--unfused-layers" not in (tmp_path / "fused.md").read_text()
+
+
+def test_ops_are_counted_on_a_steady_state_step():
+    # An epoch's first step also records each loss term's first value (StepStats.firsts, an index_copy_);
+    # the counted step is a later one, into the same sums, so that bookkeeping is not in the count.
+    from cawbench.bench import count_step_ops
+
+    trainer, batch = _tiny_caw_trainer()
+    first = OpCounter()
+    with first:
+        trainer.step(*batch, trainer.step_state(0, 0, trainer.new_stats()))
+    steady = count_step_ops(trainer, *batch)
+    assert first.by_op.get("aten.index_copy_.default", 0) > 0
+    assert "aten.index_copy_.default" not in steady.by_op
+    assert steady.total < first.total

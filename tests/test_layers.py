@@ -3,12 +3,13 @@ equals the plain composition (values and gradients) and is what a channel-wise u
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cawbench.archs import LayerSpec
-from cawbench.layers import MEAN_POOL, BulkDropout, ReluDropoutPool, channel_pool
+from cawbench.layers import MEAN_POOL, BulkDropout, ReluDropoutPool, bulk_uniform, channel_pool
 from cawbench.method import StepContext
 from cawbench.methods._channelwise import ChannelwiseUnit
 from cawbench.methods.caw_conv import CAWConvConfig
@@ -33,6 +34,58 @@ def test_bulk_dropout_is_dropout():
     assert torch.equal(drop.eval()(x), x)
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1"):
         BulkDropout(1)
+
+
+def test_bulk_uniform_has_the_bits_of_torchs_bitwise_ops_on_the_sfc64_draws():
+    # The draws are pinned: the low 23 bits of each 32-bit SFC64 word, seeded by one torch.randint, as the
+    # mantissa of a float in [1, 2). Written out with torch's bitwise ops (how it was computed before the
+    # bit work moved to NumPy), the same floats bit for bit, and torch's generator advanced alike.
+    shape = torch.Size([3, 4, 5, 7])  # odd element count: half of the last 64-bit word is unused
+    torch.manual_seed(4)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    after_seed = torch.rand(2)
+    words = np.random.SFC64(seed).random_raw((shape.numel() + 1) // 2).view(np.int32)[: shape.numel()]
+    expected = torch.from_numpy(words.copy()).bitwise_and_(0x007FFFFF).bitwise_or_(0x3F800000)
+    torch.manual_seed(4)
+    u = bulk_uniform(shape)
+    assert u.shape == shape and u.dtype == torch.float32 and u.is_contiguous()
+    assert torch.equal(u.view(torch.int32).flatten(), expected)
+    assert torch.equal(torch.rand(2), after_seed)
+    assert u.min() >= 1.0 and u.max() < 2.0
+
+
+def test_bulk_dropout_without_bulk_draws_is_torchs_native_dropout():
+    # bulk = False (cawbench bench --unfused-layers): the native kernel, as F.dropout runs on a GPU.
+    drop = BulkDropout(0.25).train()
+    drop.bulk = False
+    x = torch.ones(200, 500, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    torch.manual_seed(0)
+    reference = torch.native_dropout(torch.ones(200, 500), 0.25, True)[0]
+    assert torch.equal(y, reference)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.007  # 100k draws: 5 standard errors is ~0.0068
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the same mask and scale 1 / (1 - p) in backward
+    layer = ReluDropoutPool(0.25, MIX).train()
+    layer.dropout.bulk = False  # no bulk draws: no fused node either
+    pooled, _ = layer(torch.randn(2, 3, 4, 4, requires_grad=True).clone())  # (its ReLU works in place)
+    assert "_FusedReluDropoutPoolBackward" not in graph_nodes(pooled.grad_fn)
+
+
+def test_fused_node_backward_materialises_no_gradient_for_the_passed_activation():
+    # y leaves the node without a graph; autograd would hand backward a full-size zeros tensor for it.
+    from cawbench.bench import OpCounter
+
+    z = torch.randn(4, 3, 6, 6, requires_grad=True)
+    pooled, y = ReluDropoutPool(0.2, MIX).train()(z.clone())
+    assert not y.requires_grad
+    counter = OpCounter()
+    with counter:
+        pooled.sum().backward()
+    assert not any("zeros" in op or "fill" in op for op in counter.by_op), counter.by_op
+    assert z.grad is not None and torch.equal(z.grad != 0, y != 0)
 
 
 def _through(layer: ReluDropoutPool, z0: torch.Tensor, grad: torch.Tensor, fused: bool):
