@@ -136,11 +136,11 @@ def train_config_from_args(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from cawbench import run_folder
-    from cawbench.engine import Trainer, default_run_name
+    from cawbench.engine import Trainer, run_dir_for
 
     cfg = train_config_from_args(args)
     # Refuse an unusable --out-dir or an existing run before the data are loaded.
-    run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
+    run_dir = run_dir_for(cfg)
     held = run_folder.check(run_dir, Path(cfg.out_dir), resume=args.resume, overwrite=args.overwrite)
     if held is not None and args.overwrite:
         print(f"cawbench: note: --overwrite: replacing the {held} run in {run_dir} (an earlier row of it in "

@@ -33,7 +33,7 @@ from cawbench.engine.executors import (
     with_replayed_graphs,
 )
 from cawbench.engine.pipeline import PipelineRunner, ThreadPipeline, balanced_groups, run_thread_pipeline
-from cawbench.engine.records import default_run_name, software_versions
+from cawbench.engine.records import default_run_name, run_dir_for, software_versions
 from cawbench.engine.stats import StepStats
 from cawbench.engine.step import BatchStep, StepState, UnitState, weighted_sum
 from cawbench.engine.trainer import EpochCallback, Trainer, train
@@ -44,6 +44,6 @@ __all__ = [
     "GraphedSteps", "MergedOptimizers", "PipelineRunner", "ReplayBackend", "ResumeError", "StepState",
     "StepStats", "StreamsStep", "ThreadPipeline", "Trainer", "TrainingDiverged", "UnitState", "autocast",
     "balanced_groups", "build_executor", "clip_grad_norms_", "default_run_name", "executor_name",
-    "load_checkpoint", "make_optimizer", "register_executor", "resolve_device", "run_thread_pipeline",
+    "load_checkpoint", "make_optimizer", "register_executor", "resolve_device", "run_dir_for", "run_thread_pipeline",
     "save_checkpoint", "software_versions", "train", "use_bf16", "weighted_sum", "with_replayed_graphs",
 ]  # fmt: skip

@@ -167,6 +167,11 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method}-{cfg.data.name}-{cfg.model.arch}-w{width}-s{cfg.train.seed}-{cfg.config_hash()[:8]}"
 
 
+def run_dir_for(cfg: RunConfig) -> Path:
+    """The folder of a run: ``<out_dir>/runs/<run_name>`` (the default name when none is set)."""
+    return Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
+
+
 def software_versions() -> dict[str, str]:
     """cawbench, torch and Python versions, and the git commit of this checkout when there is one."""
     out = {"cawbench": cawbench.__version__, "torch": torch.__version__, "python": platform.python_version()}

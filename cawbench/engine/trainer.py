@@ -36,10 +36,10 @@ from cawbench.engine.devices import (
 from cawbench.engine.executors import Executor, ExecutorSetup, build_executor, executor_name
 from cawbench.engine.records import (
     accuracy_pct,
-    default_run_name,
     epoch_means,
     percent,
     result_row,
+    run_dir_for,
     save_artifacts,
     unit_stats,
 )
@@ -105,7 +105,7 @@ class Trainer:
         if not self.scoring:
             raise ConfigError(f"method {cfg.method!r} built a network with no scoring unit")
         check_readouts(cfg.readout, len(self.data.val), cfg.data.val_size)  # before any work
-        self.run_dir = Path(cfg.out_dir) / "runs" / (cfg.run_name or default_run_name(cfg))
+        self.run_dir = run_dir_for(cfg)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.truncated = False

@@ -506,10 +506,10 @@ def _safe(trial: optuna.Trial, action: Any) -> Any:
 
 
 def objective(ctx: StudyContext, trial: optuna.Trial, progress: Progress) -> float:
-    from cawbench.engine import ResumeError, Trainer, TrainingDiverged, resolve_device
+    from cawbench.engine import ResumeError, Trainer, TrainingDiverged, resolve_device, run_dir_for
 
     cfg, variant, sampled, attrs = trial_config(ctx, trial)
-    run_dir = ctx.out_dir / "runs" / cfg.run_name
+    run_dir = run_dir_for(cfg)
     info = {"worker": f"{socket.gethostname()}:{os.getpid()}", "config_hash": cfg.config_hash(),
             "run_dir": str(run_dir), "method": cfg.method, "dataset": cfg.data.name,
             "variant": variant or cfg.variant}  # fmt: skip
