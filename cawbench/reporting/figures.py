@@ -80,6 +80,20 @@ def _legend_right(ax: plt.Axes, title: str | None = None) -> None:
                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)  # fmt: skip
 
 
+def _row_legend(row_axes: Sequence[plt.Axes]) -> None:
+    """One legend per row of panels, right of its last panel, naming every series drawn in any panel of the
+    row (a series may be missing from some panels, the last one included)."""
+    handles: dict[str, Any] = {}
+    for ax in row_axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:
+        row_axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                            bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)  # fmt: skip
+
+
 def _integer_x(ax: plt.Axes) -> None:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
 
@@ -109,13 +123,19 @@ def banded_lines(
                              squeeze=False, sharex=True)  # fmt: skip
     for col, (value, ylabel) in enumerate(panels):
         ymin, ymax = frame[value].min(), frame[value].max()
+        # Values decades apart (e.g. FF's goodness loss beside cross-entropies) flatten every other series on
+        # a linear axis: such a column gets a log axis.
+        log = bool(pd.notna(ymin) and ymin > 0 and ymax / ymin > 30)
         for row, group in enumerate(groups):
             ax = axes[row][col]
             sub = frame[frame["label"].isin(group) & frame[value].notna()]
             if not sub.empty:
                 sns.lineplot(data=sub, x=x, y=value, hue="label", hue_order=group, palette=_group_colours(group, colours, len(present)),
                              errorbar="sd", marker="o", markersize=4, ax=ax)  # fmt: skip
-            if pd.notna(ymin) and pd.notna(ymax) and ymax > ymin:  # the same y range in every row
+            if log:
+                ax.set_yscale("log")
+                ax.set_ylim(ymin / 1.2, ymax * 1.2)
+            elif pd.notna(ymin) and pd.notna(ymax) and ymax > ymin:  # the same y range in every row
                 pad = 0.05 * (ymax - ymin)
                 ax.set_ylim(ymin - pad, ymax + pad)
             # The quantity names the column (a title over the top row): long names never overrun the
@@ -127,10 +147,15 @@ def banded_lines(
             _integer_x(ax)
             _plain_y(ax)
             ax.grid(alpha=0.3)
-            if col == len(panels) - 1:
-                _legend_right(ax)
-            elif ax.get_legend() is not None:
-                ax.get_legend().remove()
+            if sub.empty:  # e.g. a term no configuration of this row has: an empty frame, not a blank axis
+                ax.set_axis_off()
+    for row_axes in axes:
+        _row_legend(row_axes)
+    for col in range(len(panels)):  # the lowest drawn panel of each column carries its x axis
+        drawn = [axes[row][col] for row in range(len(groups)) if axes[row][col].axison]
+        if drawn:
+            drawn[-1].tick_params(labelbottom=True)
+            drawn[-1].set_xlabel(xlabel)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

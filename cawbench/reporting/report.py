@@ -882,14 +882,15 @@ class _Builder:
                 continue
             panels = [("val_acc", "validation accuracy (%), main readout")]
             if frame["train_loss"].notna().any():
-                panels.append(("train_loss", "training loss (ce, mean over units)"))
+                panels.append(("train_loss", "training loss (ce where the method has one, mean over units)"))
             if frame["test_acc"].notna().sum() > frame["label"].nunique() * frame["seed"].nunique():
                 panels.append(("test_acc", "test accuracy (%), main readout"))
             path = figures.banded_lines(frame, "epoch", panels, self.labels, self.colours, self.fig_path(name),
                                         "epoch")  # fmt: skip
             self.parts.append(
                 f"**{dataset}**: per epoch, mean ± sd over seeds (training loss: the `ce` term averaged "
-                f"over units where the method has one, else all terms). _CSV: [{csv}]({csv})_\n"
+                f"over units where the method has one, else all terms; a log axis where the values lie "
+                f"decades apart, e.g. FF's goodness loss beside cross-entropies). _CSV: [{csv}]({csv})_\n"
             )
             self.figure(name, path, f"learning curves on {dataset}")
         if not made:
