@@ -396,3 +396,18 @@ def test_paper_rows_match_method_dataset_and_chx3():
     assert matching_runs(rows, chx3, None).index.tolist() == [2]
     other = pd.Series({"method": "CwComp", "dataset": "CIFAR-100", "variant": "base"})
     assert matching_runs(rows, other, None).empty
+
+
+@pytest.mark.parametrize(
+    ("test_epochs", "expected"),
+    [
+        ([1, 1, 1], True),  # eval_test_every_epoch: false, every run tested once
+        ([1, 6, 1], False),  # one run tested every epoch: its best-epoch columns mean something
+        ([1, None, 1], False),  # a run without metrics: not known, keep the columns
+        ([], False),
+    ],
+)
+def test_tested_once_drops_best_epoch_columns_only_when_every_run_tested_once(test_epochs, expected):
+    from cawbench.reporting.report import _tested_once
+
+    assert _tested_once(pd.DataFrame({"test_epochs": test_epochs}, dtype=object)) is expected

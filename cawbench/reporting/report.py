@@ -375,12 +375,22 @@ class _Builder:
         shown = self.shown
         rows = []
         numeric = []
+        names = dict(ACCURACY_NAMES)
+        if _tested_once(shown):
+            # A test set evaluated only after the last epoch (train.eval_test_every_epoch: false) has no
+            # best epoch: those columns would repeat the final one or show one seed's value.
+            for col in ("max_test_acc", "test_acc_at_best_val"):
+                names.pop(col)
+            self.parts.append(
+                "Every run evaluated the test set once, after its last epoch (`train.eval_test_every_epoch: "
+                "false`), so there is no best-epoch test accuracy: the table gives the final epoch's.\n"
+            )
         for (label, dataset), runs in shown.groupby(["label", "dataset"], sort=False):
             first = runs.iloc[0]
             d = {"configuration": label, "method": first["method"], "dataset": dataset,
                  "arch": first.get("arch")}  # fmt: skip
             n_row = dict(d, config=first["config"])
-            for col, name in ACCURACY_NAMES.items():
+            for col, name in names.items():
                 if col not in runs.columns:
                     continue
                 agg = aggregate(runs, ["label"], col).iloc[0]
@@ -1300,6 +1310,12 @@ def _last_value(values: dict[str, Any]) -> float | None:
     if not values:
         return None
     return values[max(values, key=int)]
+
+
+def _tested_once(runs: pd.DataFrame) -> bool:
+    """Whether every run's per-epoch metrics hold one test evaluation at most (none known: False)."""
+    counts = pd.to_numeric(runs.get("test_epochs", pd.Series(dtype=float)), errors="coerce").dropna()
+    return len(counts) == len(runs) and len(runs) > 0 and bool((counts <= 1).all())
 
 
 def _params_text(row: pd.Series) -> str:

@@ -350,6 +350,7 @@ def normalise_rows(frame: pd.DataFrame, out_dir: Path, run_root: Path | None = N
     df["eval_images_per_s"] = [e.get("eval_images_per_s") for e in extra]
     df["epochs_recorded"] = [e.get("epochs") for e in extra]
     df["epoch_time_s"] = [e.get("epoch_time_s") for e in extra]
+    df["test_epochs"] = [e.get("test_epochs") for e in extra]
     df["peak_cuda_mem_mib"] = [
         (v / 2**20 if isinstance(v, (int, float)) and not _missing(v) else None)
         for v in df.get("peak_cuda_mem_bytes", pd.Series([None] * len(df)))
@@ -468,6 +469,7 @@ def _metrics_summary(run_path: Path | None) -> dict[str, Any]:
         "eval_images_per_s": float(np.median(rates)) if rates else None,
         "epochs": len(records),
         "epoch_time_s": float(np.median(times)) if times else None,
+        "test_epochs": sum(1 for r in records if r.get("test_acc")),
     }
 
 
