@@ -147,7 +147,7 @@ def banded_lines(
             _integer_x(ax)
             _plain_y(ax)
             ax.grid(alpha=0.3)
-            if sub.empty:  # e.g. a term no configuration of this row has: an empty frame, not a blank axis
+            if sub.empty:  # no series of this row has the quantity (e.g. backprop has no entropy term)
                 ax.set_axis_off()
     for row_axes in axes:
         _row_legend(row_axes)
