@@ -540,7 +540,7 @@ class _Builder:
         self.parts.append(
             f"Each configuration's final-epoch test accuracy, and its paired per-seed difference {rung}"
             f"against the reference `{ref}`: `mean [95 % t-interval] (n seeds both ran)`; *{NOT_RESOLVED}* "
-            "where the interval contains 0 (or n < 2). DeeperForward and the backprop reference come last. "
+            "where the interval contains 0 (or n < 2). "
             f"{len(resolved)} of {len(both)} differences are resolved at this scale.\n"
         )
         numeric = agg.drop(columns=["cell"]).merge(
