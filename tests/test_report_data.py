@@ -185,6 +185,20 @@ def test_report_folder_rerenders_identically_without_the_runs(ladder, tmp_path, 
     assert f"re-rendered from this folder's `data/` by `cawbench report {copy}`" in markdown
 
 
+def test_git_keeps_a_report_folders_run_data():
+    """A report's data/runs/ must be committed: an ignore rule for the studies' runs/ folder that also
+    matched reports/*/data/runs/ once left a fresh clone re-rendering checked-in reports without their
+    per-epoch metrics (fewer tables than the folder holds)."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = "reports/any-report/data/runs/study/run/metrics.jsonl"
+    ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT, check=False)
+    assert ignored.returncode == 1, f"{probe} is git-ignored: fix .gitignore"
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/x"], cwd=ROOT, check=False).returncode == 0
+
+
 # ------------------------------------------------------------------------------------------ known results
 def test_paper_table_holds_every_known_result_with_its_budget():
     from cawbench.reporting.paper import known_frame, load_known_results, load_paper_results, paper_comparison
