@@ -4,6 +4,7 @@ clear error for a study with no finished trials."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +238,7 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
     markdown = (out / "README.md").read_text()
 
     tables = ["results", "paper_comparison", "ablation", "configurations", "cost", "runs", "spreads",
-              "depth_width", "learning_curves_digits"]  # fmt: skip
+              "depth_width", "depth_width_effects", "learning_curves_digits"]  # fmt: skip
     for name in tables:
         assert (out / "tables" / f"{name}.csv").stat().st_size > 0, name
     assert r"\begin{tabular}" in (out / "tables" / "paper_comparison.tex").read_text()
@@ -301,6 +302,17 @@ def test_report_of_finished_study(finished_study, tmp_path, capsys):
     for width, cell in zip((0.5, 1.0), heat[0][1:]):
         acc = full[full["width"] == width]["final_test_acc"]
         assert cell == f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f} (2)"
+    # ... and each other cell against the paper's network (default depth, width 1), paired per seed.
+    effects = {r[0]: r for r in _markdown_rows(markdown, "Depth x width", "Each cell against the paper's")}
+    by_width = full.set_index(["width", "seed"])["final_test_acc"]
+    diffs = by_width[0.5] - by_width[1.0]
+    half = T_975[1] * diffs.std(ddof=1) / math.sqrt(2)
+    low, high = diffs.mean() - half, diffs.mean() + half
+    expected = f"{diffs.mean():+.2f} [{low:+.2f}, {high:+.2f}] (2)" + (
+        "" if low > 0 or high < 0 else ", not resolved"
+    )
+    assert effects["full"][3:] == ["depth default, width 0.5", "depth default, width 1", expected]
+    assert set(effects) == {"full", "smooth"}
 
 
 def test_results_folder_report(finished_study, tmp_path):
@@ -411,3 +423,26 @@ def test_tested_once_drops_best_epoch_columns_only_when_every_run_tested_once(te
     from cawbench.reporting.report import _tested_once
 
     assert _tested_once(pd.DataFrame({"test_epochs": test_epochs}, dtype=object)) is expected
+
+
+def test_contour_colour_bar_sits_right_of_every_panel():
+    """Optuna's contour matrix shrinks its panels for the colour bar and a tight layout undoes that: the
+    report's layout puts the bar in a column of its own."""
+    import optuna
+
+    from cawbench.reporting import figures
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("a", 0, 1) + t.suggest_float("b", 0, 1) ** 2
+                   + t.suggest_float("c", 0, 1), n_trials=12)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = optuna.visualization.matplotlib.plot_contour(study, params=["a", "b", "c"])
+    fig = axes.flat[0].figure
+    figures._colour_bar_in_own_column(fig)
+    bars = [ax for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
+    panels = [ax for ax in fig.axes if ax not in bars]
+    assert len(bars) == 1 and len(panels) == 9
+    right_edge = max(ax.get_position().x1 for ax in panels)
+    assert bars[0].get_position().x0 > right_edge
+    figures.plt.close(fig)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import textwrap
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,12 @@ ACC_LABELS = {
 }
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, laid_out: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tight_layout's warning about outside legends
-        fig.tight_layout()
+    if not laid_out:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tight_layout's warning about outside legends
+            fig.tight_layout()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -295,6 +296,7 @@ def sensitivity_slices(
     rows = math.ceil(len(params) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols + 1.6, 3.2 * rows), squeeze=False, sharey=True)
     present = [lab for lab in labels if lab in set(points["label"])]
+    marked_default = False
     for ax, p in zip(axes.flat, params):
         key = p["key"]
         for i, label in enumerate(present):
@@ -310,8 +312,12 @@ def sensitivity_slices(
                 ax.set_xscale("symlog", linthresh=float(positive.min()))
             else:
                 ax.set_xscale("log")
+                _plain_log_ticks(ax.xaxis, float(positive.max() / positive.min()))
+        elif (points[key].dropna() % 1 == 0).all():  # an integer parameter (e.g. depth): no 1.25 ticks
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         default = p.get("default")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
+            marked_default = True
             ax.axvline(float(default), color="black", ls="--", lw=1.0, label="paper default")
         ax.set_xlabel(key + (" (log)" if p.get("log") else ""), fontsize=8)
         ax.grid(alpha=0.3)
@@ -323,14 +329,25 @@ def sensitivity_slices(
         matplotlib.lines.Line2D([], [], ls="", marker="o", ms=4, color="grey", alpha=0.6, label="one run (seed)"),
         matplotlib.lines.Line2D([], [], ls="", marker="o", ms=7, mfc="none", color="grey",
                                 label="configuration mean"),
-        matplotlib.lines.Line2D([], [], ls="--", color="black", label="paper default"),
     ]  # fmt: skip
+    if marked_default:
+        handles.append(matplotlib.lines.Line2D([], [], ls="--", color="black", label="paper default"))
     if len(present) > 1:
         handles += [matplotlib.patches.Patch(color=colours[lab], label=lab) for lab in present]
     fig.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False)
     fig.suptitle("accuracy against each searched parameter (slices: other parameters vary)"
                  + (f"\n{note}" if note else ""), fontsize=9)  # fmt: skip
     return _save(fig, path)
+
+
+def _plain_log_ticks(axis: Any, ratio: float) -> None:
+    """Log ticks written as plain numbers (0.02, not 2 x 10^-2): at 1, 2 and 5 per decade where the data
+    span at most two decades (``ratio`` = max / min; matplotlib would label every minor tick there, and the
+    labels overprint), at the decades beyond that."""
+    subs = (1.0, 2.0, 5.0) if ratio <= 100 else (1.0,)
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=subs))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _dodge(values: pd.Series, log: bool, index: int, count: int):
@@ -359,9 +376,12 @@ def importance(table: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _optuna_figure(draw: Any, size: tuple[float, float], path: Path) -> Path:
+def _optuna_figure(
+    draw: Any, size: tuple[float, float], path: Path, lay_out: Callable[[plt.Figure], None] | None = None
+) -> Path:
     """Draw with Optuna's matplotlib backend. It switches the global style to ggplot: the rc context
-    keeps that to its own figure."""
+    keeps that to its own figure. ``lay_out`` replaces the default tight layout where a figure needs its
+    own (e.g. a colour bar that must not overlap the panels)."""
     import optuna
 
     with warnings.catch_warnings(), matplotlib.rc_context():
@@ -375,7 +395,9 @@ def _optuna_figure(draw: Any, size: tuple[float, float], path: Path) -> Path:
                 if scale == "log":
                     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         fig.set_size_inches(*size)
-        return _save(fig, path)
+        if lay_out is not None:
+            lay_out(fig)
+        return _save(fig, path, laid_out=lay_out is not None)
 
 
 def parallel_coordinate(study: Any, params: list[str], path: Path) -> Path:
@@ -384,7 +406,7 @@ def parallel_coordinate(study: Any, params: list[str], path: Path) -> Path:
 
     return _optuna_figure(
         lambda: optuna.visualization.matplotlib.plot_parallel_coordinate(study, params=params),
-        (max(7.0, 2.2 * (len(params) + 1)), 4.2), path,
+        (max(7.0, 2.2 * (len(params) + 1)), 4.2), path, _keep_optunas_layout,
     )  # fmt: skip
 
 
@@ -395,8 +417,29 @@ def contour(study: Any, params: list[str], path: Path) -> Path:
     side = 3.6 if len(params) <= 2 else 2.6 * len(params)
     return _optuna_figure(
         lambda: optuna.visualization.matplotlib.plot_contour(study, params=params),
-        (side + 1.5, side), path,
+        (side + 1.5, side), path, _colour_bar_in_own_column,
     )  # fmt: skip
+
+
+def _keep_optunas_layout(fig: plt.Figure) -> None:
+    """Parallel coordinates: Optuna places one axes per coordinate beside a colour bar; a tight layout
+    would move the axes under the bar."""
+
+
+def _colour_bar_in_own_column(fig: plt.Figure) -> None:
+    """Optuna attaches the contour matrix's colour bar by shrinking the panels, which a tight layout undoes,
+    leaving the bar over the last column: lay the panels out in the left part, then add the bar to the
+    right of them."""
+    bars = [ax._colorbar for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
+    mappable = bars[0].mappable if bars else None
+    label = bars[0].ax.get_ylabel() if bars else ""
+    for bar in bars:
+        bar.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.tight_layout(rect=(0, 0, 0.88, 1))
+    if mappable is not None:
+        fig.colorbar(mappable, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label=label)
 
 
 def optimisation_history(trials: pd.DataFrame, direction: str, objective: str, path: Path) -> Path:

@@ -808,10 +808,11 @@ class _Builder:
             "share one colour scale. Where other parameters also vary, each cell is the configuration with the "
             "best mean validation objective.\n"
         )
-        all_tables = []
+        all_tables, chosen = [], []
         for label, dataset, arch in groups:
             sub = rows[(rows["label"] == label) & (rows["dataset"] == dataset) & (rows["arch"] == arch)]
             sub = best_configs(sub, ["depth_label", "width"], self.src.objective, self.src.direction)
+            chosen.append(sub)
             agg = aggregate(sub, ["depth_label", "width"], HEADLINE)
             agg.insert(0, "label", label)
             agg.insert(1, "dataset", dataset)
@@ -840,6 +841,40 @@ class _Builder:
         table = pd.concat(all_tables, ignore_index=True)
         self.csv("depth_width", table)
         self.parts.append("_CSV: [tables/depth_width.csv](tables/depth_width.csv)_\n")
+        self._depth_width_effects(pd.concat(chosen, ignore_index=True))
+
+    def _depth_width_effects(self, runs: pd.DataFrame) -> None:
+        """Each depth x width cell against the paper's network of the same configuration (its default
+        depth, width 1), paired per seed, so a reader sees which changes exceed seed noise."""
+        runs = runs.copy()
+        width = pd.to_numeric(runs["width"], errors="coerce")
+        runs["cell"] = "depth " + runs["depth_label"].astype(str) + ", width " + width.map("{:g}".format)
+        runs["paper_network"] = runs["depth_label"].isin(["default", "2"]) & (width == 1.0)
+        by = ["label", "dataset", "arch"]
+        effects = []
+        for _, sub in runs.groupby(by, sort=False):
+            base = sub.loc[sub["paper_network"], "cell"].drop_duplicates()
+            if len(base) == 1:
+                against = {c: base.iloc[0] for c in sub["cell"].unique() if c != base.iloc[0]}
+                effects.append(paired_effects(sub, by, "cell", against, HEADLINE))
+        effects = [e for e in effects if len(e)]
+        if not effects:
+            self.parts.append(
+                "No paired differences: no configuration ran the paper's network (default depth, width 1) "
+                "beside another depth or width.\n"
+            )
+            return
+        table = pd.concat(effects, ignore_index=True)
+        display = table[[*by, "cell", "against"]].rename(columns={"label": "configuration"})
+        display["Δ final-epoch test"] = effect_cells(table)
+        self.parts.append(
+            "Each cell against the paper's network of the same configuration (default depth, width 1): the "
+            "paired per-seed difference in final-epoch test accuracy, `mean [95 % t-interval] (n seeds both "
+            f"ran)`; *{NOT_RESOLVED}* where the interval contains 0 (or n < 2). "
+            f"{int(table['resolved'].astype(bool).sum())} of {len(table)} differences are resolved at this "
+            "scale.\n"
+        )
+        self.table("depth_width_effects", display, table)
 
     # ------------------------------------------------------------------ per-epoch views
     def _per_dataset(self) -> list[tuple[str, pd.DataFrame]]:
