@@ -234,7 +234,7 @@ def spec_facts(spec: Any, scale: str | None) -> dict[str, Any]:
     }
     paper_scale = "paper" if "paper" in spec.scales else None
     facts["paper_scale"] = paper_scale
-    facts["budgets"] = {s: _budgets(spec, s) for s in {scale, paper_scale} - {None}}
+    facts["budgets"] = {s: _budgets(spec, s) for s in dict.fromkeys([scale, paper_scale]) if s is not None}
     facts["paper_defaults"] = _defaults(spec, paper_scale or scale)
     return facts
 
