@@ -185,6 +185,25 @@ def test_report_folder_rerenders_identically_without_the_runs(ladder, tmp_path, 
     assert f"re-rendered from this folder's `data/` by `cawbench report {copy}`" in markdown
 
 
+CHECKED_IN = sorted(p.parent.parent.name for p in (ROOT / "reports").glob("*/data/source.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", CHECKED_IN)
+def test_checked_in_report_rerenders_to_the_same_tables(folder, tmp_path):
+    """Every checked-in report that ships its data re-renders from that data alone to the tables it holds."""
+    from cawbench.cli import main
+
+    report = ROOT / "reports" / folder
+    copy = tmp_path / folder
+    shutil.copytree(report, copy)
+    assert main(["report", str(copy)]) == 0
+    names = sorted(p.name for p in (report / "tables").iterdir())
+    assert names == sorted(p.name for p in (copy / "tables").iterdir())
+    for name in names:
+        assert (copy / "tables" / name).read_bytes() == (report / "tables" / name).read_bytes(), name
+
+
 def test_git_keeps_a_report_folders_run_data():
     """A report's data/runs/ must be committed: an ignore rule for the studies' runs/ folder that also
     matched reports/*/data/runs/ once left a fresh clone re-rendering checked-in reports without their
