@@ -573,15 +573,16 @@ CSV_FIELDS = [
 def write_reports(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / (args.name or device_slug(device))
+    # Appended, not with_suffix: a name like "cpu-w1.0" keeps its ".0".
+    stem = args.name or device_slug(device)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: row.get(k) for k in CSV_FIELDS})
-    stem.with_suffix(".csv").write_text(buffer.getvalue())
-    stem.with_suffix(".md").write_text(render_markdown(rows, args, device))
-    return stem.with_suffix(".md")
+    (out / f"{stem}.csv").write_text(buffer.getvalue())
+    (out / f"{stem}.md").write_text(render_markdown(rows, args, device))
+    return out / f"{stem}.md"
 
 
 def render_markdown(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> str:
@@ -740,7 +741,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 rows.append(ref)
         path = _finish(rows, refs, args, device, baseline)  # after every row: a cut-off run leaves a report
     print("\n".join(table_lines(rows, markdown=False, ops_only=args.ops_only, baseline=baseline is not None)))
-    print(f"wrote {path} and {path.with_suffix('.csv')}")
+    print(f"wrote {path} and {path.parent / (path.name[: -len('.md')] + '.csv')}")
     return 0
 
 

@@ -178,11 +178,13 @@ def test_ops_only_counts_each_row_and_a_baseline_adds_the_before_columns(tmp_pat
         local, ref = before
         assert len(local["ops_by_unit"].split()) == 4 and len(ref["ops_by_unit"].split()) == 1
         assert float(local["ops_x"]) == pytest.approx(int(local["ops_per_step"]) / int(ref["ops_per_step"]))
-        after = _bench(tmp_path, *common, "--name", "after", "--baseline", str(tmp_path / "before.csv"))
+        # a dotted name keeps its dot ("after-w0.1.md", not "after-w0.md")
+        after = _bench(tmp_path, *common, "--name", "after-w0.1", "--baseline", str(tmp_path / "before.csv"))
+    assert not (tmp_path / "after-w0.md").exists()
     for old, new in zip(before, after, strict=True):
         assert float(new["baseline_ops_per_step"]) == float(old["ops_per_step"])
         assert float(new["baseline_ops_x"]) == pytest.approx(float(old["ops_x"]))
-    md = (tmp_path / "after.md").read_text()
+    md = (tmp_path / "after-w0.1.md").read_text()
     assert "| ops/step before | x BP before |" in md and "before.csv" in md and "train img/s" not in md
 
 
