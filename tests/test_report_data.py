@@ -387,3 +387,18 @@ def test_mlflow_uri_is_written_relative_to_the_results_folder(ladder, tmp_path):
     assert "parent run `abc123`" in line
     source.study_attrs["mlflow_tracking_uri"] = "http://tracking:5000"  # a server: as it is
     assert "`http://tracking:5000`" in _Builder(source, tmp_path, "test", None, [], None)._mlflow_line()[0]
+
+
+def test_a_report_from_a_study_keeps_the_projects_known_results(ladder):
+    """Rendered from a study without --known-results, the folder's data/ holds studies/known_results.csv's
+    rows, so a re-render from the folder shows the same known-results columns."""
+    from cawbench.reporting.paper import load_known_results
+    from cawbench.results import read_results
+
+    _, _, report, _ = ladder
+    kept = read_results(report / "data" / "known_results.jsonl")
+    expected = load_known_results()
+    assert expected, "studies/known_results.csv lists rows"
+    assert [(r["method"], r["known_source"]) for r in kept] == [
+        (r["method"], r["known_source"]) for r in expected
+    ]

@@ -1415,7 +1415,7 @@ def render_report(
 
 
 def _known(source: ReportSource, known_results: Path | str | None) -> tuple[list[dict[str, Any]], str | None]:
-    if str(known_results).lower() == "none":
+    if known_results is not None and str(known_results).lower() == "none":  # str(None) is "None" too
         return [], None
     if known_results is None and source.known_rows is not None:
         return list(source.known_rows), None
